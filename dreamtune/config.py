@@ -1,0 +1,298 @@
+"""Training configuration: OmegaConf structured dataclasses, YAML recipes and dotted key=value overrides.
+
+Every key of the upstream Dream trainer is accepted (see ../shared/notes/dream-reference.md section 3),
+plus dreamtune's own. The user's plan writes two keys the upstream trainer does not have; they are
+accepted as aliases:
+
+    data.enable_perbatch_cutoff -> data.perbatch_cutoff
+    trainer.save_freq           -> trainer.save_checkpoint_steps
+
+Hydra's `+key=value` (add a key) is accepted for known keys. An unknown key or a bad value is a
+ValueError with one line naming the key and the nearest valid one.
+
+    cfg = load_config("configs/tiny.yaml", ["optim.lr=1e-4", "trainer.logger=['console','wandb']"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALIASES = {
+    "data.enable_perbatch_cutoff": "data.perbatch_cutoff",
+    "trainer.save_freq": "trainer.save_checkpoint_steps",
+}
+# Keys whose value must be one of a fixed set (checked after overrides, with the valid set in the message).
+CHOICES = {
+    "data.truncation": ("error", "left", "right", "drop"),
+    "data.perbatch_cutoff_type": ("random", "random_with_input_pad", "strip_padding"),
+    "diffusion.time_reweighting": ("original", "linear", "cart", "none"),
+    "model.dtype": ("bf16", "fp32"),
+    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "auto"),
+    "trainer.wandb_mode": ("online", "offline", "disabled"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+LOGGERS = ("console", "tensorboard", "wandb")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["data/s1k_dream_format/train.parquet"])
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    max_length: int = 2048  # prompt + response tokens per row (Dream's context)
+    truncation: str = "error"  # error | left (cut the prompt's start) | right (cut the response's end) | drop
+    train_batch_size: int = 16  # global, in rows (s1's recipe); upstream default 256 gives 9 steps on s1K
+    micro_batch_size_per_gpu: int = 1
+    perbatch_cutoff: bool = False
+    perbatch_cutoff_type: str = "random"  # random | random_with_input_pad | strip_padding
+    resp_cutoff_ratio: float = 0.0  # probability of applying the per-batch cutoff to a batch
+    tokenized: bool = False  # accepted for compatibility; rows are always tokenized on the fly
+    pad_token_id: Optional[int] = None  # default: the tokenizer's pad (= eos for Dream)
+    packing: bool = False  # several rows per sequence with document-masked attention
+    val_batches: int = 8  # micro batches of validation per evaluation (fixed masks)
+    shuffle: bool = True
+
+
+@dataclass
+class FSDPConfig:
+    cpu_offload: bool = False
+    offload_params: bool = False
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class ModelConfig:
+    partial_pretrain: str = "Dream-org/Dream-v0-Base-7B"  # a hub id or a local directory
+    trust_remote_code: bool = False  # accepted and ignored: dreamtune never runs remote code
+    enable_gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0 = full fine-tune
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    dtype: str = "bf16"  # compute dtype on GPU (weights and optimizer stay fp32); CPU always runs fp32
+    attn_implementation: str = "sdpa"
+    compile: bool = False  # torch.compile each decoder layer
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    warmup_steps_ratio: float = 0.1
+    clip_grad: float = 1.0
+    lr_scheduler: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    time_reweighting: str = "original"  # original (1/t) | linear (1-t) | cart | none
+    cart_p: float = 0.1
+    token_reweighting: bool = False  # focal term alpha * (1 - e^-CE)^gamma * CE
+    alpha: float = 0.25
+    gamma: float = 2.0
+    t_eps: float = 0.0  # floor on t: p = (1 - eps) t + eps (Dream: 0; LLaDA/d1: 1e-3)
+
+
+@dataclass
+class TrainerConfig:
+    default_local_dir: str = "runs/dream-sft"
+    default_hdfs_dir: Optional[str] = None  # accepted; dreamtune writes local files only
+    resume_path: Optional[str] = None
+    resume_training: bool = False
+    project_name: str = "dreamtune"
+    experiment_name: str = "sft"
+    total_epochs: int = 3
+    total_training_steps: Optional[int] = None
+    logger: list[str] = field(default_factory=lambda: ["console"])
+    wandb_mode: str = "online"  # online | offline | disabled; online falls back to offline without network
+    seed: int = 42
+    save_checkpoint_steps: int = 1000
+    keep_last: int = 2  # resumable checkpoints kept
+    val_check_steps: int = 50  # validation cadence in optimizer steps (0 = only at the end)
+    log_steps: int = 1
+    export_dream: bool = False  # also write checkpoint-final-dream in Dream's format
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps_this_run: Optional[int] = None  # stop (after saving) once this many steps ran in this process
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------- keys
+
+
+def valid_keys(cls=TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every leaf key (dotted) -> its dataclass field type."""
+    out = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(default):
+            out.update(valid_keys(type(default), key + "."))
+        else:
+            out[key] = f.type
+    return out
+
+
+def _nearest(key: str, keys) -> str:
+    near = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    if not near:  # compare the last component too: "data.max_lenght" -> "data.max_length"
+        last = key.split(".")[-1]
+        by_last = {k.split(".")[-1]: k for k in keys}
+        m = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)
+        near = [by_last[m[0]]] if m else []
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def canonical_key(key: str) -> str:
+    """Strip Hydra's + / ++ prefixes, apply aliases, and check the key exists."""
+    key = key.lstrip("+").strip()
+    key = ALIASES.get(key, key)
+    keys = valid_keys()
+    if key not in keys:
+        # a whole section (e.g. model.fsdp_config) cannot be set with one value
+        raise ValueError(f"unknown config key '{key}'{_nearest(key, list(keys) + list(ALIASES))}")
+    return key
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalars and flow lists: 2e-6, True, null, ['console','wandb']. Unparseable text stays a string."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _coerce(key: str, value: Any) -> Any:
+    tp = str(valid_keys()[key])  # annotations are strings here (from __future__ import annotations)
+    # YAML 1.1 reads 2e-6 as a string (no dot in the mantissa): floats are parsed again here.
+    if tp in ("float", "Optional[float]") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp.startswith("list") and value is not None and not isinstance(value, (list, tuple)):
+        if isinstance(value, str) and "," in value and not value.startswith("["):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return [value]
+    return value
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key=value (e.g. optim.lr=1e-5)")
+        raw_key, raw_value = item.split("=", 1)
+        key = canonical_key(raw_key)
+        value = _coerce(key, parse_value(raw_value))
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            raise ValueError(f"bad value for '{key}': {raw_value!r} ({msg})") from None
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in valid_keys():
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None):
+    """The structured defaults, then the YAML recipe (if any), then the overrides; validated."""
+    cfg = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file '{p}' not found; see configs/ for recipes")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} must hold a mapping of sections (data:, model:, ...)")
+        apply_overrides(cfg, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                              for k, v in _flatten(data).items()])
+    apply_overrides(cfg, list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Values that type checks cannot catch: choices, ranges, loggers."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"bad value for '{key}': '{value}' (choose one of {', '.join(choices)}){hint}")
+    for name in cfg.trainer.logger:
+        if name not in LOGGERS:
+            raise ValueError(f"bad value for 'trainer.logger': '{name}' (choose from {', '.join(LOGGERS)})")
+    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "trainer.total_epochs",
+                "trainer.save_checkpoint_steps"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ValueError(f"bad value for '{key}': {OmegaConf.select(cfg, key)} (must be > 0)")
+    ranges = {"optim.lr": (0.0, 1.0), "optim.warmup_steps_ratio": (0.0, 1.0), "diffusion.cart_p": (0.0, 1.0),
+              "data.resp_cutoff_ratio": (0.0, 1.0), "diffusion.t_eps": (0.0, 1.0), "optim.weight_decay": (0.0, 10.0)}
+    for key, (lo, hi) in ranges.items():
+        v = OmegaConf.select(cfg, key)
+        if not lo <= v <= hi:
+            raise ValueError(f"bad value for '{key}': {v} (must lie in [{lo}, {hi}])")
+    if cfg.diffusion.time_reweighting == "cart" and not 0 < cfg.diffusion.cart_p < 1:
+        raise ValueError(f"bad value for 'diffusion.cart_p': {cfg.diffusion.cart_p} (must lie in (0, 1) for cart)")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"bad value for 'optim.betas': {list(cfg.optim.betas)} (two numbers, e.g. [0.9,0.95])")
+    if cfg.model.lora_rank < 0:
+        raise ValueError(f"bad value for 'model.lora_rank': {cfg.model.lora_rank} (0 = off, or a positive rank)")
+    if not cfg.data.train_files:
+        raise ValueError("data.train_files is empty; set data.train_files=path/to/train.parquet")
+    if cfg.trainer.total_training_steps is not None and cfg.trainer.total_training_steps <= 0:
+        raise ValueError("bad value for 'trainer.total_training_steps': must be > 0 (or null for epochs)")
+    if cfg.data.packing and cfg.data.perbatch_cutoff:
+        raise ValueError("data.packing and data.perbatch_cutoff cannot both be on; packing removes padding already")
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """`[config.yaml] key=value ... --flag ...` -> (config path, overrides, flags)."""
+    path, overrides, flags = None, [], []
+    for a in argv:
+        if a.startswith("--"):
+            flags.append(a)
+        elif "=" in a and not re.match(r"^[\w./-]+\.(ya?ml)$", a):
+            overrides.append(a)
+        elif path is None and a.endswith((".yaml", ".yml")):
+            path = a
+        else:
+            raise ValueError(f"unexpected argument '{a}': give an optional config.yaml, then key=value overrides")
+    return path, overrides, flags
