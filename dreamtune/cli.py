@@ -48,7 +48,8 @@ def run_main(fn, argv: list[str]) -> int:
         return int(fn(argv) or 0)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError,
+            MemoryError, FloatingPointError) as e:
         if os.environ.get("DREAMTUNE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -67,6 +67,11 @@ class DiffusionLM:
         pads are not attended, and positions count from the first real token, as Dream's generation does."""
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            if self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+                dtype = self.model.get_input_embeddings().weight.dtype
+                attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+                    ~attention_mask, torch.finfo(dtype).min)
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -180,6 +185,9 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
     """Load a diffusion LM from a local directory or a hub id (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load clutters logs and tests
     d = resolve_dir(path_or_id)
     cfg = read_config(d)
     model_type = cfg.get("model_type")
@@ -263,17 +271,31 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (FSDP2 keeps the module itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None = None) -> Path:
-    """Write an HF directory (safetensors in `dtype`, config with is_causal false, tokenizer, dreamtune.json)."""
+    """Write an HF directory (safetensors in `dtype`, config with is_causal false, tokenizer, dreamtune.json).
+
+    state_dict: plain HF keys (e.g. gathered from an FSDP model, LoRA merged); default: the model's own.
+    The weights are written through a skeleton on the meta device, so no second copy is allocated."""
+    from transformers import AutoModelForCausalLM
+
     out = Path(out)
+    config = unwrap(lm.model).config
+    config.is_causal = False
+    sd = state_dict if state_dict is not None else unwrap(lm.model).state_dict()
+    sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
     tmp = _atomic_dir(out)
     try:
-        sd = state_dict if state_dict is not None else lm.model.state_dict()
-        sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
-        lm.model.config.is_causal = False
-        lm.model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg["is_causal"] = False
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(str(tmp))
@@ -291,10 +313,10 @@ def save_dream(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | No
     config's auto_map already points at those files."""
     if not lm.shift:
         raise ValueError("a Dream-format export needs a shifting model (Dream scores position i from output i-1); this model does not shift")
-    if lm.config.model_type != "qwen2":
-        raise ValueError(f"a Dream-format export needs a Qwen2-architecture model; this one is {lm.config.model_type}; use save_hf instead")
+    c = unwrap(lm.model).config
+    if c.model_type != "qwen2":
+        raise ValueError(f"a Dream-format export needs a Qwen2-architecture model; this one is {c.model_type}; use save_hf instead")
     out = save_hf(lm, out, dtype=dtype, state_dict=state_dict)
-    c = lm.config
     tok = lm.tokenizer
     dream_cfg = {k: getattr(c, k) for k in _DREAM_TO_QWEN2_KEYS if k not in ("rope_theta", "rope_scaling") and hasattr(c, k)}
     rope = dict(getattr(c, "rope_parameters", None) or {})

@@ -1,0 +1,124 @@
+"""The masked-diffusion SFT objective, as Dream trains it, in pure functions with explicit generators.
+
+Forward process: one t ~ U(0, 1) per sequence (optionally floored: p = (1 - eps) t + eps); every
+maskable token (response tokens and the trailing eos/pad, never the prompt) is replaced by the mask token
+independently with probability t.
+
+Loss: cross-entropy at masked positions only (the logits already carry Dream's shift, see
+models.DiffusionLM.logits), times a weight, summed and divided by the number of masked tokens in the
+micro-batch. Weights (`diffusion.time_reweighting`):
+    original  1/t                        linear  1 - t                  none  1
+    cart      sum_{j != i} 0.5 p (1-p)^(|i-j|-1) [j unmasked]   (Dream paper, section 4.2; no 1/t)
+Optional focal term (`diffusion.token_reweighting`): alpha * (1 - e^-CE)^gamma * CE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_t(batch: int, generator: torch.Generator, eps: float = 0.0, device="cpu") -> torch.Tensor:
+    """Noise levels [B] in (eps, 1): one per sequence."""
+    t = torch.rand(batch, generator=generator, device=device)  # [B]
+    return (1 - eps) * t + eps
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor, mask_token_id: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each maskable token by the mask token with probability t of its sequence.
+
+    input_ids, maskable: [B, L]; t: [B] (one per row) or [B, L] (per position: packed rows hold several
+    sequences, each with its own t). Returns (noisy_ids [B, L], masked [B, L] bool).
+    """
+    t_pos = t[:, None].expand(input_ids.shape) if t.dim() == 1 else t  # [B, L]
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # [B, L]
+    masked = maskable & (u < t_pos)
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, masked
+
+
+def cart_kernel(p: float, length: int, tol: float = 1e-12, device="cpu") -> torch.Tensor:
+    """The CART kernel k(d) = 0.5 p (1-p)^(|d|-1) for d != 0, k(0) = 0, truncated where it falls below tol
+    (for p = 0.1 that is |d| > 250). Returns [2K+1] with K = min(length - 1, cutoff)."""
+    cutoff = length - 1 if p >= 1 else min(length - 1, int(math.ceil(math.log(tol / (0.5 * p)) / math.log(1 - p))) + 1)
+    d = torch.arange(-cutoff, cutoff + 1, device=device, dtype=torch.float64).abs()
+    k = 0.5 * p * (1 - p) ** (d - 1)
+    k[cutoff] = 0.0
+    return k
+
+
+def cart_weights(masked: torch.Tensor, p: float, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Context-adaptive weights [B, L]: for each position i, sum over j != i of k(i-j) [j unmasked].
+
+    Unmasked positions include prompt tokens and left pads (they are context the model sees). Only the
+    values at masked positions are used by the loss. Computed as a 1-D convolution (float64 for accuracy).
+    doc_ids [B, L] (packed rows): only positions of the same document count as context.
+    """
+    if doc_ids is not None:
+        out = torch.zeros(masked.shape, dtype=torch.float32, device=masked.device)
+        for b in range(masked.shape[0]):
+            for d in doc_ids[b].unique().tolist():
+                if d < 0:
+                    continue
+                idx = (doc_ids[b] == d).nonzero()[:, 0]
+                s, e = int(idx[0]), int(idx[-1]) + 1  # documents are contiguous
+                out[b, s:e] = cart_weights(masked[b:b + 1, s:e], p)[0]
+        return out
+    B, L = masked.shape
+    k = cart_kernel(p, L, device=masked.device)  # [2K+1], symmetric so conv == correlation
+    unmasked = (~masked).to(torch.float64)[:, None, :]  # [B, 1, L]
+    K = (k.numel() - 1) // 2
+    w = F.conv1d(unmasked, k.view(1, 1, -1), padding=K)  # [B, 1, L]
+    return w[:, 0, :].to(torch.float32)
+
+
+def time_weights(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Weights for the non-CART reweightings, elementwise in t (any shape)."""
+    if kind == "original":
+        return 1.0 / t
+    if kind == "linear":
+        return 1.0 - t
+    assert kind == "none", f"unknown time reweighting {kind}"
+    return torch.ones_like(t)
+
+
+def position_weights(t: torch.Tensor, masked: torch.Tensor, kind: str, cart_p: float = 0.1,
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of each masked position, [N] in row-major order of `masked` (matching logits[masked]).
+    t: [B] or [B, L] as in mask_tokens."""
+    if kind == "cart":
+        return cart_weights(masked, cart_p, doc_ids)[masked]
+    t_pos = t[:, None].expand(masked.shape) if t.dim() == 1 else t  # [B, L]
+    return time_weights(t_pos[masked], kind)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy [N] in float32, computed in chunks of rows so that a float32 copy of a
+    [N, V] logits tensor (V = 152k for Dream) never exists at once."""
+    out = []
+    for s in range(0, logits.shape[0], chunk):
+        out.append(F.cross_entropy(logits[s:s + chunk].float(), targets[s:s + chunk], reduction="none"))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *, focal: bool = False,
+                   alpha: float = 0.25, gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted masked-token loss, normalised by the number of masked tokens.
+
+    logits [N, V] at masked positions (shift applied), targets [N], weights [N].
+    Returns (loss, the unweighted mean cross-entropy for logging). With N == 0 the loss is a zero that
+    still depends on the logits, so every rank runs the same backward.
+    """
+    n = targets.numel()
+    if n == 0:
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    ce = masked_ce(logits, targets)  # [N]
+    per_token = ce
+    if focal:
+        per_token = alpha * (1 - torch.exp(-ce)) ** gamma * ce
+    loss = (per_token * weights.to(ce.dtype)).sum() / n
+    return loss, ce.detach().mean()

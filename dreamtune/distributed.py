@@ -1,0 +1,95 @@
+"""Process-group set-up and FSDP2, applied as a thin layer over single-device model code.
+
+One process (plain `python -m dreamtune.train`) runs without a process group. Under torchrun the group
+uses NCCL on GPUs and gloo on CPUs (so the distributed path is tested on CPU).
+
+`apply_fsdp` shards each decoder layer, then the decoder (embeddings, final norm) and the output head
+separately, then the root: the training code calls the decoder and the head directly (to project only
+masked positions through the vocabulary), so each must own its parameters' all-gather.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+
+def init(device_pref: str = "auto") -> Dist:
+    """Initialise from torchrun's environment, or a single process without a group."""
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=torch.device("cuda", local) if use_cuda else None)
+    return Dist(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
+               cpu_offload: bool = False) -> torch.nn.Module:
+    """FSDP2 over a transformers *ForCausalLM (possibly inside a peft wrapper). fp32 master weights and
+    fp32 gradient reduction; `param_dtype` (bf16 on GPU) is the compute dtype."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> the HF model
+    decoder = hf.get_decoder()
+    for layer in decoder.layers:
+        fully_shard(layer, **kw)
+    fully_shard(decoder, **kw)
+    fully_shard(hf.get_output_embeddings(), **kw)
+    fully_shard(model, **kw)
+    return model

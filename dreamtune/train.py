@@ -1,0 +1,387 @@
+"""Masked-diffusion SFT: the one training recipe, read top to bottom.
+
+    dreamtune train [config.yaml] key=value ...            # one process (GPU or CPU)
+    python -m dreamtune.train [config.yaml] key=value ...
+    torchrun --nproc_per_node=N -m dreamtune.train ...     # FSDP2 over N GPUs (gloo on CPU); multi-node too
+    dreamtune train --dry-run [config.yaml] key=value ...  # validate, print the resolved config and the plan
+
+The objective is Dream's (dreamtune/diffusion.py); the batches are Dream's (dreamtune/batching.py);
+the model is transformers' own with bidirectional attention (dreamtune/models.py). Every random draw of
+optimizer step s comes from generators seeded by (seed, s, rank, micro-batch), so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dreamtune import distributed as D
+from dreamtune.config import load_config, split_argv, to_yaml
+from dreamtune.monitor import LOG, Monitor, setup_logging
+
+MIN_STEPS_WARNING = 20
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def count_rows(files) -> int | None:
+    """Rows in the training files without reading them whole (parquet metadata); None if unknown."""
+    total = 0
+    for f in files:
+        p = Path(f)
+        if not p.exists():
+            return None
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(p).metadata.num_rows
+        else:
+            from dreamtune.data import read_rows
+
+            total += len(read_rows(str(p)))
+    return total
+
+
+def plan_steps(cfg, n_rows: int, world: int) -> dict:
+    """Optimizer steps, gradient accumulation and warm-up for a run; ValueError when they do not fit."""
+    micro, gbs = cfg.data.micro_batch_size_per_gpu, cfg.data.train_batch_size
+    if gbs % (micro * world) != 0:
+        raise ValueError(
+            f"data.train_batch_size={gbs} is not a multiple of data.micro_batch_size_per_gpu={micro} x {world} "
+            f"process(es); use e.g. data.train_batch_size={max(1, gbs // (micro * world)) * micro * world}")
+    if n_rows < gbs:
+        raise ValueError(f"only {n_rows} training rows, fewer than data.train_batch_size={gbs}; lower data.train_batch_size")
+    steps_per_epoch = n_rows // gbs  # drop_last: every step sees a full global batch
+    total = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
+    return {"rows": n_rows, "world_size": world, "global_batch": gbs, "micro_batch": micro,
+            "grad_accum": gbs // (micro * world), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": int(total * cfg.optim.warmup_steps_ratio), "epochs": total / steps_per_epoch}
+
+
+def lr_lambda(cfg, total: int, warmup: int):
+    """Linear warm-up, then cosine to min_lr_ratio (or constant)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.optim.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def step_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
+    """A generator for one (step, rank, micro-batch, ...) coordinate: resume needs no saved RNG state."""
+    g = torch.Generator(device=device)
+    mixed = seed
+    for p in parts:
+        mixed = (mixed * 1_000_003 + p + 1) % (2**63 - 1)
+    return g.manual_seed(mixed)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_examples(files, tokenizer, cfg, what: str):
+    """Read rows, render them as training sees them, apply the truncation policy."""
+    from dreamtune.batching import truncate
+    from dreamtune.data import check_columns, encode_examples, read_rows
+
+    rows = read_rows(list(files))
+    check_columns(rows, cfg.data.prompt_key, cfg.data.response_key)
+    prompts = [r[cfg.data.prompt_key] for r in rows]
+    responses = [r[cfg.data.response_key] for r in rows]
+    encoded = encode_examples(tokenizer, prompts, responses)
+    out, dropped = [], 0
+    for i, (p, r) in enumerate(encoded):
+        ex = truncate(p, r, cfg.data.max_length, cfg.data.truncation, row=i)
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
+    if dropped:
+        LOG.info(f"{what}: dropped {dropped} of {len(encoded)} rows longer than data.max_length={cfg.data.max_length}")
+    return out
+
+
+def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle: bool):
+    """The micro-batches (lists of examples) this rank trains on at optimizer step `step`."""
+    spe, gbs, micro = plan["steps_per_epoch"], plan["global_batch"], plan["micro_batch"]
+    epoch, i = divmod(step, spe)
+    order = torch.randperm(len(examples), generator=step_generator(seed, 7, epoch)) if shuffle else torch.arange(len(examples))
+    batch = order[i * gbs:(i + 1) * gbs].tolist()  # [global batch] row indices
+    per_rank = plan["grad_accum"] * micro
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    return [[examples[j] for j in mine[k:k + micro]] for k in range(0, per_rank, micro)]
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def forward_loss(lm, batch, cfg, generator: torch.Generator):
+    """Noise the batch, run the model, return (loss, mean CE, masked count). One micro-batch."""
+    from dreamtune.batching import document_mask
+    from dreamtune.diffusion import diffusion_loss, mask_tokens, position_weights, sample_t
+
+    n_docs = int(batch.doc_ids.max()) + 1
+    t_doc = sample_t(n_docs, generator, cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
+    t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
+    noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
+    attn = document_mask(batch.doc_ids) if batch.packed else batch.attention_mask
+    logits = lm.logits(noisy, attention_mask=attn, position_ids=batch.position_ids, positions=masked)  # [N, V]
+    weights = position_weights(t, masked, cfg.diffusion.time_reweighting, cfg.diffusion.cart_p,
+                               doc_ids=batch.doc_ids if batch.packed else None)
+    loss, ce = diffusion_loss(logits, batch.input_ids[masked], weights, focal=cfg.diffusion.token_reweighting,
+                              alpha=cfg.diffusion.alpha, gamma=cfg.diffusion.gamma)
+    return loss, ce, int(masked.sum())
+
+
+def make_batch(examples, cfg, pad_id: int, generator: torch.Generator):
+    from dreamtune.batching import collate, pack
+
+    if cfg.data.packing:
+        return pack(examples, max_length=cfg.data.max_length, pad_id=pad_id)
+    cutoff = cfg.data.perbatch_cutoff_type if cfg.data.perbatch_cutoff else None
+    return collate(examples, max_length=cfg.data.max_length, pad_id=pad_id, cutoff_type=cutoff,
+                   resp_cutoff_ratio=cfg.data.resp_cutoff_ratio, generator=generator)
+
+
+@torch.no_grad()
+def validate(lm, val_examples, cfg, pad_id: int, ctx, dev: D.Dist) -> float:
+    """Validation loss with fixed masks and noise levels: the same draws at every evaluation."""
+    lm.model.eval()
+    micro = cfg.data.micro_batch_size_per_gpu
+    chunks = [val_examples[i:i + micro] for i in range(0, len(val_examples), micro)][: cfg.data.val_batches * dev.world]
+    total = torch.zeros(2, device=dev.device)  # [sum of losses, count]
+    for k in range(dev.rank, len(chunks), dev.world):
+        g = step_generator(cfg.trainer.seed, 99, k)
+        batch = make_batch(chunks[k], cfg, pad_id, g).to(dev.device)
+        with ctx:
+            loss, _, _ = forward_loss(lm, batch, cfg, step_generator(cfg.trainer.seed, 98, k, device=dev.device.type))
+        total += torch.stack([loss.detach().float(), torch.ones((), device=dev.device)])
+    D.all_reduce_sum(total)
+    lm.model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+
+
+def train(cfg) -> Path:
+    dev = D.init(cfg.trainer.device)
+    setup_logging(None, dev.is_main)
+    run_dir = Path(cfg.trainer.default_local_dir)
+
+    # 1. Model and tokenizer. Everything that can fail on user input fails before the run directory exists.
+    from dreamtune.models import load
+
+    if cfg.model.trust_remote_code:
+        LOG.info("model.trust_remote_code=True is ignored: dreamtune loads Dream without remote code")
+    lm = load(cfg.model.partial_pretrain, dtype="fp32", attn_implementation=cfg.model.attn_implementation)
+    if lm.tokenizer is None:
+        raise ValueError(f"{cfg.model.partial_pretrain} has no tokenizer files; training needs one to render the data")
+    pad_id = cfg.data.pad_token_id if cfg.data.pad_token_id is not None else lm.tokenizer.pad_token_id
+
+    # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
+    train_ex = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
+    val_ex = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val") if cfg.data.val_files else []
+    plan = plan_steps(cfg, len(train_ex), dev.world)
+    if plan["total_steps"] < MIN_STEPS_WARNING:
+        LOG.warning(f"warning: this run takes only {plan['total_steps']} optimizer steps ({plan['rows']} rows, global batch "
+                    f"{plan['global_batch']}, {cfg.trainer.total_epochs} epochs); lower data.train_batch_size or raise "
+                    f"trainer.total_epochs for real training")
+
+    # 3. The run directory: resume from it, or start it fresh.
+    resume_from = None
+    if cfg.trainer.resume_training or cfg.trainer.resume_path:
+        from dreamtune.checkpoint import latest_checkpoint
+
+        resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
+        if resume_from is None:
+            LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
+    if dev.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    D.barrier()
+    setup_logging(run_dir, dev.is_main)
+    LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
+             f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
+             f"device {dev.device}")
+
+    # 4. Trainable parameters: LoRA adapters or everything.
+    model = lm.model
+    if cfg.model.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.model.target_modules if isinstance(cfg.model.target_modules, str) else list(cfg.model.target_modules)
+        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
+                                                 lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+    if cfg.model.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora_rank > 0:
+            model.enable_input_require_grads()
+    compute_dtype = torch.bfloat16 if dev.device.type == "cuda" and cfg.model.dtype == "bf16" else None
+    if dev.enabled:
+        D.apply_fsdp(model, compute_dtype, cfg.model.fsdp_config.reshard_after_forward, cfg.model.fsdp_config.cpu_offload)
+        ctx = nullcontext()  # FSDP2 casts parameters to the compute dtype itself
+    else:
+        model.to(dev.device)
+        ctx = torch.autocast("cuda", dtype=compute_dtype) if compute_dtype else nullcontext()
+    lm.model = model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # 5. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                            fused=dev.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan["total_steps"], plan["warmup_steps"]))
+    start = 0
+    if resume_from is not None:
+        from dreamtune.checkpoint import load_resumable
+
+        state = load_resumable(resume_from, model, opt, trainable_only=cfg.model.lora_rank > 0)
+        start = int(state["step"])
+        sched.last_epoch = start - 1  # LambdaLR recomputes the factor from the step
+        sched.step()
+        LOG.info(f"resumed from {resume_from} at step {start}")
+
+    # 6. The loop.
+    mon = Monitor(run_dir, cfg, plan["total_steps"], dev.is_main, start_step=start)
+    seed, ran = cfg.trainer.seed, 0
+    try:
+        for step in range(start, plan["total_steps"]):
+            t0 = time.time()
+            totals = torch.zeros(4, device=dev.device)  # [loss, ce, masked, tokens] summed over micro-batches
+            for k, examples in enumerate(micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data.shuffle)):
+                batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, dev.rank, k)).to(dev.device)
+                with ctx:
+                    loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, dev.rank, k, 1, device=dev.device.type))
+                (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
+                totals += torch.tensor([loss.item(), ce.item(), n_masked, batch.n_tokens], device=dev.device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            D.all_reduce_sum(totals)
+            loss_val = float(totals[0]) / (plan["grad_accum"] * dev.world)
+            if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)):
+                raise FloatingPointError(
+                    f"loss is {loss_val} (grad norm {float(grad_norm)}) at step {step + 1}; stopping. The last good "
+                    f"checkpoint is kept in {run_dir}; lower optim.lr or check the data, then resume")
+            lr_used = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.time() - t0
+            done = step + 1
+            ran += 1
+            mon.log(done, {"epoch": round(done / plan["steps_per_epoch"], 4), "loss": loss_val,
+                           "ce": float(totals[1]) / (plan["grad_accum"] * dev.world), "lr": lr_used,
+                           "grad_norm": float(grad_norm), "tokens": int(totals[3]), "masked_tokens": int(totals[2]),
+                           "tokens_per_s": float(totals[3]) / dt})
+            last = done == plan["total_steps"]
+            if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
+                mon.log(done, {"val_loss": validate(lm, val_ex, cfg, pad_id, ctx, dev)})
+            stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
+            if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
+                save_state(run_dir, done, model, opt, cfg, plan)
+            if stop_early and not last:
+                LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
+                return run_dir
+    except torch.cuda.OutOfMemoryError:
+        raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None
+    finally:
+        mon.close()
+
+    # 7. The final export: bf16 HF directory (LoRA merged), optionally Dream's format too.
+    export_final(lm, model, run_dir, cfg, dev)
+    LOG.info(f"done: {run_dir}/checkpoint-final (load it with dreamtune.load or AutoModelForCausalLM)")
+    return run_dir
+
+
+def save_state(run_dir, step, model, opt, cfg, plan) -> None:
+    from omegaconf import OmegaConf
+
+    from dreamtune.checkpoint import save_resumable
+
+    t0 = time.time()
+    path = save_resumable(run_dir, step, model, opt,
+                          {"seed": cfg.trainer.seed, "plan": plan, "config": OmegaConf.to_container(cfg, resolve=True)},
+                          trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last)
+    LOG.info(f"saved {path} in {time.time() - t0:.1f}s")
+
+
+def export_final(lm, model, run_dir: Path, cfg, dev: D.Dist) -> None:
+    from dreamtune.checkpoint import full_state_dict, merge_lora_state_dict
+    from dreamtune.models import save_dream, save_hf
+
+    sd = full_state_dict(model)
+    if dev.is_main:
+        sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
+        if cfg.model.lora_rank > 0:
+            sd = merge_lora_state_dict(sd, cfg.model.lora_alpha / cfg.model.lora_rank)
+        save_hf(lm, run_dir / "checkpoint-final", dtype=torch.bfloat16, state_dict=sd)
+        if cfg.trainer.export_dream:
+            save_dream(lm, run_dir / "checkpoint-final-dream", dtype=torch.bfloat16, state_dict=sd)
+    D.barrier()
+
+
+def oom_message(cfg, plan, dev, n_params: int) -> str:
+    """The memory plan in one line, and what to change, in the order that costs the least."""
+    per_gpu = n_params * (16 if cfg.model.lora_rank == 0 else 2) / dev.world / 2**30
+    return (f"CUDA out of memory: micro batch {plan['micro_batch']} x {cfg.data.max_length} tokens; "
+            f"{n_params / 1e9:.2f}B parameters need ~{per_gpu:.0f} GiB per GPU for weights"
+            f"{', gradients and AdamW state (16 B/param, sharded over ' + str(dev.world) + ' GPU(s))' if cfg.model.lora_rank == 0 else ' (frozen, LoRA)'}"
+            f" plus activations. Try, in order: data.micro_batch_size_per_gpu=1, model.enable_gradient_checkpointing=True, "
+            f"data.max_length={cfg.data.max_length // 2}, model.lora_rank=16, model.fsdp_config.cpu_offload=True, or more GPUs")
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def dry_run(cfg) -> int:
+    print(to_yaml(cfg), end="")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    missing = [f for f in list(cfg.data.train_files) + list(cfg.data.val_files) if not Path(f).exists()]
+    if missing:
+        raise FileNotFoundError(f"data file '{missing[0]}' not found; prepare it with 'dreamtune data prepare' or fix data.train_files/val_files")
+    n = count_rows(cfg.data.train_files)
+    plan = plan_steps(cfg, n, world)
+    print("# plan: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in plan.items()))
+    if plan["total_steps"] < MIN_STEPS_WARNING:
+        print(f"# warning: only {plan['total_steps']} optimizer steps; lower data.train_batch_size or raise trainer.total_epochs")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    path, overrides, flags = split_argv(argv)
+    unknown = [f for f in flags if f != "--dry-run"]
+    if unknown:
+        raise ValueError(f"unknown option '{unknown[0]}'; options: --dry-run (everything else is key=value)")
+    cfg = load_config(path, overrides)
+    if "--dry-run" in flags:
+        return dry_run(cfg)
+    missing = [f for f in list(cfg.data.train_files) + list(cfg.data.val_files) if not Path(f).exists()]
+    if missing:
+        raise FileNotFoundError(f"data file '{missing[0]}' not found; prepare it with 'dreamtune data prepare' or fix data.train_files/val_files")
+    try:
+        train(cfg)
+    finally:
+        D.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    from dreamtune.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))
