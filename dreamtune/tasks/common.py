@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark loaders: local JSONL files, the Hub, uniform answers.
+
+Every benchmark loader returns rows `{"id": str, "task": str, "question": str, "answer": str, ...}`.
+Local files follow the `../shared/data/eval` layout: `<data_dir>/<name>/test.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def local_file(name: str, data_dir: str | Path, split: str = "test") -> Path:
+    """`<data_dir>/<name>/<split>.jsonl`; a .jsonl file given directly is used as is."""
+    d = Path(data_dir).expanduser()
+    if d.is_file():
+        if split != "test":
+            raise ValueError(f"--data-dir {d} is a file, but the {split} split of {name} is needed: pass the directory "
+                             f"with {name}/{split}.jsonl")
+        return d
+    path = d / name / f"{split}.jsonl"
+    if not path.is_file():
+        if not d.exists():
+            raise ValueError(f"--data-dir {d} does not exist; expected the layout {d}/{name}/{split}.jsonl")
+        raise ValueError(
+            f"no {name} data in --data-dir {d}: expected the file {path} "
+            f"(layout <data-dir>/<task>/{split}.jsonl, as in ../shared/data/eval)"
+        )
+    return path
+
+
+def hub_rows(name: str, repo: str, config: str | None, split: str) -> list[dict]:
+    """Rows of a Hub dataset through `datasets`; any failure -> ValueError suggesting --data-dir."""
+    hint = (
+        f"pass --data-dir DIR with DIR/{name}/test.jsonl (the ../shared/data/eval layout), "
+        f"or data_dir= in Python"
+    )
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ValueError(f"loading {name} from the Hub needs the 'datasets' package (pip install 'dreamtune[data]'); or {hint}") from None
+    try:
+        ds = load_dataset(repo, config, split=split) if config else load_dataset(repo, split=split)
+    except Exception as e:  # offline, renamed, gated: all the same to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not load {name} from the Hugging Face Hub ({repo}, split {split}): {msg}; {hint}") from None
+    return [dict(r) for r in ds]
+
+
+def pick(row: dict, *keys: str, what: str, where: str):
+    """The first present key of `keys` (datasets spell their columns differently)."""
+    for k in keys:
+        if k in row and row[k] is not None:
+            return row[k]
+    raise ValueError(f"{where}: a row has no {what} field (looked for {', '.join(keys)}); keys are {sorted(row)}")
+
+
+def canonical_answer(value) -> str:
+    """Numbers as plain text ("025" -> "25", 27.0 -> "27", 70 -> "70"); other text stripped."""
+    if isinstance(value, bool):
+        raise ValueError(f"an answer must be text or a number, not {value!r}")
+    if isinstance(value, float):
+        assert math.isfinite(value), value
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    s = str(value).strip()
+    t = s.replace(",", "") if s.replace(",", "").lstrip("+-").isdigit() else s
+    if t.lstrip("+-").isdigit():
+        return str(int(t))
+    try:
+        f = float(t)
+    except ValueError:
+        return s
+    return str(int(f)) if math.isfinite(f) and f.is_integer() and "e" not in t.lower() else s
+
+
+def finish(rows: list[dict], limit: int | None) -> list[dict]:
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        rows = rows[:limit]
+    for r in rows:
+        assert isinstance(r["id"], str) and isinstance(r["question"], str) and isinstance(r["answer"], str), r
+    return rows
