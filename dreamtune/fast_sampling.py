@@ -1,0 +1,156 @@
+"""The fast sampler (`generate(..., alg="fast")`): Fast-dLLM's training-free speed-ups on Dream's model.
+
+    out = generate(lm, input_ids, attention_mask, max_new_tokens=256, steps=0, alg="fast",
+                   threshold=0.9, block_length=32)
+
+- Block-wise, semi-autoregressive: the answer is decoded in blocks of `block_length`, left to right; the
+  positions after the current block stay masks (and are attended as masks).
+- Parallel reveal by confidence: each step reveals, per row, every masked position of the block whose
+  confidence (the chosen token's probability) exceeds `threshold`, and always the most confident one;
+  so threshold 1.0 reveals exactly one per step. `tokens_per_step=k` instead reveals the k most
+  confident per step (a fixed schedule: used by bench/generate.py to show the cache's effect alone).
+- Approximate KV cache: the first step of a block runs the whole canvas and keeps the K/V of the finished
+  prefix; the block's later steps run only the window [last prefix position, end of canvas) against it.
+  The prefix K/V are then those computed with the canvas as it was at the block's start (in a
+  bidirectional model they depend on the block's tokens): that is the approximation. `dual_cache=True`
+  also caches the masked suffix, so a step runs only [last prefix position, end of block).
+  The window starts one position early because of Dream's shift: the first block position is scored
+  from the output at the position before it.
+- Early stop: once a row finishes a block that is all eos, the rest of its canvas is filled with eos and
+  it needs no more decisions; generation ends when every row has.
+
+How the cache is laid out: K/V in a transformers `DynamicCache` are concatenated in call order, and with
+bidirectional attention only positions (the position ids), never the order of keys, matter. The first
+forward of a block feeds the columns in the order [cached columns, window], so that cropping the
+window's length off the end leaves exactly the cached columns; each later step appends the window and
+crops it again, so the cache never grows.
+
+Exactness: with use_cache=False every step runs the whole canvas (Dream's model, block-wise schedule).
+With the cache, a 1-layer model gives identical tokens (layer-0 K/V depend only on the token and its
+position); deeper models differ from the uncached run by the approximation above.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from dreamtune.sampling import GenerateOutput, confidence_prob, init_canvas, sample_from_hidden
+
+
+def _cache_kwarg(decoder) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x keeps the old name as a deprecated alias)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def forward_columns(lm, x, keys, pos, cols: torch.Tensor, cache=None, cached_cols: torch.Tensor | None = None):
+    """Final hidden states [B, C, H] of canvas columns `cols` [C]; with `cache` holding the K/V of
+    `cached_cols`, which the columns attend to as well (and whose K/V the call appends to the cache)."""
+    dec = lm.model.get_decoder()
+    attn = None
+    if keys is not None:  # 2-D key mask over [cached columns, cols]: pads are never attended
+        kv_cols = cols if cached_cols is None else torch.cat([cached_cols, cols])
+        attn = keys[:, kv_cols]
+    extra = {_cache_kwarg(dec): cache} if cache is not None else {}
+    out = dec(input_ids=x[:, cols], attention_mask=attn, position_ids=pos[:, cols], use_cache=cache is not None,
+              **extra)
+    return out.last_hidden_state
+
+
+def new_cache(lm):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.model.config)
+
+
+def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
+    """(window [W], cached [C]) column indices for the block [start, end): the window opens one position
+    before the block (the shift), and runs to the end of the canvas unless the suffix is cached too."""
+    window_end = end if dual_cache else total
+    window = torch.arange(start - 1, window_end, device=device)
+    cached = torch.arange(0, start - 1, device=device)
+    if dual_cache:
+        cached = torch.cat([cached, torch.arange(end, total, device=device)])
+    return window, cached
+
+
+def reveal_threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Every masked position with confidence above threshold, plus the most confident masked one.
+    conf [B, K] (-inf where not masked), masked [B, K] bool -> [B, K] bool."""
+    best = torch.zeros_like(masked).scatter_(1, conf.argmax(-1, keepdim=True), True)
+    return masked & ((conf > threshold) | best)
+
+
+def reveal_top(conf: torch.Tensor, masked: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most confident masked positions per row (fewer if fewer are masked). [B, K] -> [B, K] bool."""
+    idx = torch.topk(conf, min(k, conf.shape[1]), dim=-1).indices
+    return masked & torch.zeros_like(masked).scatter_(1, idx, True)
+
+
+def _eos_id(lm) -> int | None:
+    eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else getattr(lm.config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+@torch.no_grad()
+def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                  generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
+                  block_length: int = 32, use_cache: bool = True, dual_cache: bool = False,
+                  stop_at_eos: bool = True, tokens_per_step: int | None = None) -> GenerateOutput:
+    """See the module docstring. Arguments are checked by dreamtune.sampling.generate, the public entry."""
+    if tokens_per_step is not None and tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
+    x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
+    b, p = input_ids.shape
+    total = x.shape[1]
+    head = lm.model.get_output_embeddings()
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+    eos = _eos_id(lm) if stop_at_eos else None
+    history = [] if return_history else None
+    shift = 1 if lm.shift else 0  # block column c is scored from the output at column c - shift
+    nfe = 0
+    for start in range(p, total, block_length):
+        end = min(start + block_length, total)
+        window, cached = block_columns(start, end, total, dual_cache, x.device)
+        first = True
+        while True:
+            masked = x[:, start:end] == lm.mask_token_id  # [B, K]
+            if not bool(masked.any()):
+                break
+            if not use_cache:
+                h = forward_columns(lm, x, keys, pos, torch.arange(total, device=x.device))  # [B, L, H]
+                h_block = h[:, start - shift:end - shift]  # [B, K, H]
+            else:
+                if first:
+                    # Fill the cache: the whole canvas, cached columns first, window last (see module doc).
+                    cache = new_cache(lm)
+                    h = forward_columns(lm, x, keys, pos, torch.cat([cached, window]), cache)[:, len(cached):]
+                else:
+                    h = forward_columns(lm, x, keys, pos, window, cache, cached)  # [B, W, H]
+                cache.crop(-len(window))  # drop the window's K/V: the cache holds the cached columns only
+                assert cache.get_seq_length() == len(cached), (cache.get_seq_length(), len(cached))
+                h_block = h[:, 1 - shift:1 - shift + end - start]  # window index 0 is column start - 1
+            first = False
+            nfe += 1
+            tokens, conf = sample_from_hidden(head, h_block[masked], confidence=confidence_prob, **sampling)
+            full_conf = torch.full(masked.shape, -torch.inf, device=x.device)  # [B, K]
+            full_conf[masked] = conf
+            proposal = torch.full_like(x[:, start:end], lm.mask_token_id)
+            proposal[masked] = tokens
+            if tokens_per_step is None:
+                reveal = reveal_threshold(full_conf, masked, threshold)
+            else:
+                reveal = reveal_top(full_conf, masked, tokens_per_step)
+            x[:, start:end] = torch.where(reveal, proposal, x[:, start:end])
+            if history is not None:
+                history.append(x.detach().to("cpu", copy=True))
+        if eos is not None and end < total:
+            done = (x[:, start:end] == eos).all(-1, keepdim=True)  # [B, 1]: the block is all eos
+            tail = x[:, end:]
+            tail.masked_fill_(done & (tail == lm.mask_token_id), eos)
+            if history is not None and history:
+                history[-1] = x.detach().to("cpu", copy=True)  # the fill belongs to the block's last step
+    assert not bool((x[:, p:] == lm.mask_token_id).any()), "a mask token survived the fast sampler"
+    return GenerateOutput(sequences=x, history=history, nfe=nfe)
