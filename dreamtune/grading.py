@@ -280,7 +280,7 @@ def reference_answer(reference, task: str | None = None) -> str:
     GSM8K solution, the last `\\boxed{}` of a MATH solution, a choice letter for GPQA."""
     if reference is None:
         raise ValueError("the reference answer is missing (None)")
-    if isinstance(reference, bool):
+    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
         raise ValueError(f"the reference answer must be text or a number, not {reference!r}")
     if isinstance(reference, float):
         if not math.isfinite(reference):
@@ -662,10 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be 0 (inline) or more, got {args.workers}")
-    rows = read_predictions(args.predictions)
     out = Path(args.out) if args.out else default_out_path(args.predictions)
     if out.resolve() == Path(args.predictions).resolve():
         raise ValueError(f"--out {out} would overwrite the predictions file; choose another path")
+    rows = read_predictions(args.predictions)
     try:
         verdicts = grade_many(rows, args.task, workers=args.workers, timeout=args.timeout)
     except ValueError as e:  # a reference that cannot be read: say which file
