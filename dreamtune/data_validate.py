@@ -50,7 +50,7 @@ def text_field(row: dict, column: str, index: int) -> str:
     """The row's non-empty string in `column`, or a ValueError naming the row."""
     value = row.get(column)
     if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        got = "missing" if value is None else f"of type {type(value).__name__}, not a string"
         raise ValueError(f"row {index}: column '{column}' is {got}")
     if not value.strip():
         raise ValueError(f"row {index}: column '{column}' is empty")
