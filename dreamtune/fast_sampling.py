@@ -134,7 +134,8 @@ def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                 h_block = h[:, 1 - shift:1 - shift + end - start]  # window index 0 is column start - 1
             first = False
             nfe += 1
-            tokens, conf = sample_from_hidden(head, h_block[masked], confidence=confidence_prob, **sampling)
+            tokens, conf = sample_from_hidden(head, h_block[masked], confidence=confidence_prob,
+                                              ban=lm.mask_token_id, **sampling)
             full_conf = torch.full(masked.shape, -torch.inf, device=x.device)  # [B, K]
             full_conf[masked] = conf
             proposal = torch.full_like(x[:, start:end], lm.mask_token_id)

@@ -29,7 +29,8 @@ Where this differs from Dream's code, on purpose, without changing what is compu
   position, and never a fully masked attention row;
 - alg_temp draws positions by Gumbel-top-k, the same distribution as Dream's multinomial without
   replacement, but it cannot fail when some probabilities underflow to zero;
-- every random draw takes the explicit `generator`.
+- every random draw takes the explicit `generator`;
+- the mask token is never sampled (Dream could draw it at temperature > 0 and leave it on the canvas).
 """
 
 from __future__ import annotations
@@ -113,15 +114,21 @@ CONFIDENCE = {"maskgit_plus": confidence_prob, "topk_margin": confidence_margin,
 
 
 def sample_from_hidden(head, h: torch.Tensor, *, temperature: float, top_p: float | None, top_k: int | None,
-                       confidence=confidence_prob, generator: torch.Generator | None = None):
+                       confidence=confidence_prob, generator: torch.Generator | None = None, ban: int | None = None):
     """Project hidden states h [N, H] through the vocabulary head and sample, in row chunks so the float32
-    [N, V] working set stays bounded. Returns tokens [N] long and confidences [N] float32."""
+    [N, V] working set stays bounded. Returns tokens [N] long and confidences [N] float32.
+
+    `ban` (the mask token) is never drawn: it is never a training target, so a trained model gives it no
+    mass, but an untrained one would leave masks on the canvas."""
     n = h.shape[0]
     vocab = head.weight.shape[0]
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // vocab)
     tokens, confs = [], []
     for i in range(0, n, chunk):
-        probs = token_probs(head(h[i:i + chunk]), temperature, top_p, top_k)  # [n_i, V]
+        logits = head(h[i:i + chunk]).float()  # [n_i, V]
+        if ban is not None:
+            logits[:, ban] = -torch.inf
+        probs = token_probs(logits, temperature, top_p, top_k)
         x0, chosen = pick_tokens(probs, temperature, generator)
         tokens.append(x0)
         confs.append(confidence(probs, chosen))
@@ -208,7 +215,7 @@ def _step_confidence(lm, x, keys, pos, p, *, k, alg, alg_temp, sampling, generat
     masked = x[:, p:] == lm.mask_token_id  # [B, N]
     h = answer_hidden(lm, x, keys, pos, p)  # [B, N, H]
     tokens, conf = sample_from_hidden(lm.model.get_output_embeddings(), h[masked], confidence=CONFIDENCE[alg],
-                                      generator=generator, **sampling)  # [M], [M]
+                                      generator=generator, ban=lm.mask_token_id, **sampling)  # [M], [M]
     full_conf = torch.full(masked.shape, -torch.inf, device=x.device)  # [B, N]
     full_conf[masked] = conf
     proposal = torch.full_like(masked, lm.mask_token_id, dtype=x.dtype)  # [B, N]
@@ -229,7 +236,8 @@ def _step_origin(lm, x, keys, pos, p, *, prob, sampling, generator):
     if not bool(reveal.any()):
         return False
     h = answer_hidden(lm, x, keys, pos, p)  # [B, N, H]
-    tokens, _ = sample_from_hidden(lm.model.get_output_embeddings(), h[reveal], generator=generator, **sampling)
+    tokens, _ = sample_from_hidden(lm.model.get_output_embeddings(), h[reveal], generator=generator,
+                                   ban=lm.mask_token_id, **sampling)
     x[:, p:][reveal] = tokens
     return True
 
