@@ -62,7 +62,9 @@ _ANSWER_COLON = re.compile(r"\banswer\b(?:\*\*)?[ \t]*(?::|\bis\b:?|=)[ \t]*(?:\
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?(?![\d])"
 )
-_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+# inline math; an escaped dollar (\$5, a currency sign) neither opens nor closes it
+_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_PROSE = re.compile(r"[A-Za-z',]+(?:\s+[A-Za-z',]+){2,}")  # three or more plain words, no math
 _CHOICE = re.compile(r"^\(?([A-D])\)?(?:[.):]|\s|$)")
 _CHOICE_IN_TEXT = re.compile(r"\(([A-D])\)|\b(?:option|choice)\s+\(?([A-D])\b|\b([A-D])\)", re.I)
 
@@ -155,9 +157,10 @@ def _marker_candidates(text: str):
     if hashes:
         yield _refine(hashes[-1]), "hash"
     colons = list(_ANSWER_COLON.finditer(text))
-    for m in reversed(colons):  # the last marker with something after it
+    for m in reversed(colons):  # the last marker followed by an answer, not prose
         cand = _refine(_first_line(text[m.end() :]))
-        if cand:
+        # "the answer is not obvious yet" is reasoning; one- or two-word text answers ("Evelyn") stay
+        if cand and not _PROSE.fullmatch(cand):
             yield cand, "answer_colon"
             break
 
@@ -208,8 +211,9 @@ def _clean(s: str) -> str:
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])\.?", "", s)
-    s = re.sub(r"\\(?:displaystyle|!)", "", s)
-    s = re.sub(r"\\[,;: ]|\\q?quad(?![A-Za-z])|~", " ", s)
+    # spacing commands, but not the second half of a "\\" row break followed by a space
+    s = re.sub(r"\\displaystyle|(?<!\\)\\!", "", s)
+    s = re.sub(r"(?<!\\)\\[,;: ]|\\q?quad(?![A-Za-z])|~", " ", s)
     # degrees and percent: dropped on both sides, so "50%" == "50" and "90^\circ" == "90"
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])", "", s)
     s = s.replace("\\%", "").replace("%", "")

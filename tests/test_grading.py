@@ -161,6 +161,7 @@ def test_extraction_details():
     assert extract_answer("Answer: 3\n#### 4\n<answer>5</answer> 7") == ("5", "answer_tag")
     assert extract_answer("#### 4\nThe answer is 3") == ("4", "hash")
     assert extract_answer("The answer is $\\frac{1}{2}$, since 1/2 = 0.5") == ("\\frac{1}{2}", "answer_colon")
+    assert extract_answer("The answer is not obvious yet. Trying x = 4 works.") == ("4", "last_number")
     assert extract_answer("nothing numeric") == (None, "none")
     assert extract_answer(None) == (None, "none")
     assert extract_answer("x \\boxed{} y") == (None, "none")
