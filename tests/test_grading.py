@@ -80,6 +80,9 @@ MATH_CASES = [
     ("\\boxed{5}", "x=5", True, "exact", "boxed"),
     ("\\boxed{6-5i}", "6 - 5i", True, "exact", "boxed"),
     ("\\boxed{\\text{(C)}}", "\\text{(C)}", True, "exact", "boxed"),
+    # LaTeX row breaks and escaped dollars survive normalisation
+    ("So the answer is $\\begin{pmatrix}-2\\\\-14\\end{pmatrix}$.", "\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}", True, "exact", "answer_colon"),
+    ("The answer is $\\$32,\\!348$.", "\\$32,\\!348", True, "exact", "answer_colon"),
     # several boxed answers: the last one counts
     ("First guess \\boxed{2}. That is wrong; correcting: \\boxed{3}", "3", True, "exact", "boxed"),
     ("First guess \\boxed{3}. That is wrong; correcting: \\boxed{2}", "3", False, "none", "boxed"),
@@ -300,6 +303,18 @@ def test_grade_cli_errors_through_dreamtune(tmp_path, capsys):
         grading.main(["--task", "gsm8k", "--predictions", str(preds), "--out", str(preds)])
     with pytest.raises(SystemExit):  # argparse: unknown task
         grading.main(["--task", "gsm9k", "--predictions", str(preds)])
+
+
+@needs_mv
+@pytest.mark.skipif(not (SHARED / "eval/math500/test.jsonl").is_file(), reason="shared MATH-500 test file absent")
+def test_math500_reference_answers_score_100():
+    from dreamtune import tasks
+
+    rows = tasks.load("math500", SHARED / "eval")
+    # the answer re-typeset without spaces, after a marker: normalisation must absorb the difference
+    preds = [{"response": f"So the answer is ${r['answer'].replace(' ', '')}$.", "answer": r["answer"]} for r in rows]
+    assert summarize(grade_many(preds, "math500", workers=2))["correct"] == 500
+    assert summarize(grade_many([{"response": r["solution"], "answer": r["answer"]} for r in rows], "math500"))["correct"] == 500
 
 
 @pytest.mark.skipif(not GSM8K_TEST.is_file(), reason=f"shared GSM8K test file absent ({GSM8K_TEST})")
