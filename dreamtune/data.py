@@ -116,8 +116,6 @@ def _read_json(path: Path, text: str) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError:
         return _read_json_lines(path, text)  # JSON lines saved as .json (the datasets library does this)
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [rows]}
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path}: a .json file must hold a list of objects (one per row)")
     return data
@@ -336,6 +334,12 @@ def _prompt_table(examples: list[dict]):
     return pa.Table.from_pylist(examples, schema=schema)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (to remove it again on failure)."""
+    path = path.absolute()
+    return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -351,7 +355,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
         raise ValueError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-    made = next((p for p in [*reversed(out.parents)] if not p.exists()), None)
+    made = _first_missing(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any mkdir
@@ -504,7 +508,7 @@ def hub_offline_if_unreachable(timeout: float = 3.0):
 def download(dataset: str, out: str, split: str = "train", config: str | None = None,
              overwrite: bool = False) -> Path:
     """A hub dataset (via `datasets`) or local files -> out/<split>.parquet; return that path."""
-    target = Path(out).expanduser() / f"{split}.parquet"
+    target = Path(out).expanduser() / (re.sub(r"[^\w.-]+", "_", split) + ".parquet")  # "train[:100]" too
     if target.exists() and not overwrite:
         raise ValueError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
     local = Path(dataset).expanduser()
@@ -535,13 +539,13 @@ def download(dataset: str, out: str, split: str = "train", config: str | None = 
                                  "offline? fetch the files elsewhere and pass a local parquet, jsonl or json "
                                  f"file or directory instead: dreamtune data download PATH --out {out}") from None
         write = lambda tmp: ds.to_parquet(tmp)  # noqa: E731
-    made = not target.parent.exists()
+    made = _first_missing(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_file_atomically(target, write)
     except BaseException:
-        if made:
-            shutil.rmtree(target.parent, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise
     return target
 
