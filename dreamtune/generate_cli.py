@@ -120,25 +120,28 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     return lm
 
 
-def encode_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> list[int]:
-    """Token ids of one prompt: a list of messages goes through the chat template (generation prompt added);
-    a string too with chat=True (as one user turn, after an optional system turn), else it is used as is."""
+def render_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> str:
+    """The text the model sees for one prompt: a list of messages goes through the chat template (generation
+    prompt added); a string too with chat=True (one user turn, after an optional system turn), else as is."""
     tok = lm.tokenizer
     if isinstance(prompt, str) and chat:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list):
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise ValueError("a prompt given as a list must hold {\"role\", \"content\"} messages")
-        if system and not any(m["role"] == "system" for m in prompt):
-            prompt = [{"role": "system", "content": system}] + prompt
-        if not getattr(tok, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template, so chat messages cannot be rendered; pass plain text prompts without --chat")
-        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)  # the template wrote the special tokens already
-    elif isinstance(prompt, str):
-        ids = tok.encode(prompt)
-    else:
-        raise ValueError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        raise ValueError("a prompt must be a string or a list of {\"role\", \"content\"} messages")
+    if system and not any(m["role"] == "system" for m in prompt):
+        prompt = [{"role": "system", "content": system}] + prompt
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template, so chat messages cannot be rendered; pass plain text prompts without --chat")
+    return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of render_prompt(...). Chat-rendered text already holds its special tokens."""
+    text = render_prompt(lm, prompt, chat, system)
+    templated = isinstance(prompt, list) or chat
+    ids = lm.tokenizer.encode(text, add_special_tokens=not templated)
     if not ids:
         raise ValueError("empty prompt: give at least one token of text")
     return ids
