@@ -21,7 +21,7 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     """Console (stderr) on rank 0, plus RUN/train.log once the run directory exists."""
     LOG.handlers.clear()
     LOG.propagate = False
-    LOG.setLevel(logging.INFO if is_main else logging.WARNING)
+    LOG.setLevel(logging.INFO if is_main else logging.ERROR)  # one voice: rank 0 speaks
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     LOG.addHandler(console)

@@ -225,7 +225,10 @@ def train(cfg) -> Path:
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                                  lora_dropout=cfg.model.lora_dropout, target_modules=targets))
     if cfg.model.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers 5.17 (the GPU image)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora_rank > 0:
             model.enable_input_require_grads()
     compute_dtype = torch.bfloat16 if dev.device.type == "cuda" and cfg.model.dtype == "bf16" else None
@@ -261,9 +264,11 @@ def train(cfg) -> Path:
             t0 = time.time()
             totals = torch.zeros(4, device=dev.device)  # [loss, ce, masked, tokens] summed over micro-batches
             for k, examples in enumerate(micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data.shuffle)):
-                batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, dev.rank, k)).to(dev.device)
+                # seeded by the micro-batch's place in the global batch, so that N ranks draw what one would
+                mb = dev.rank * plan["grad_accum"] + k
+                batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb)).to(dev.device)
                 with ctx:
-                    loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, dev.rank, k, 1, device=dev.device.type))
+                    loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
                 (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
                 totals += torch.tensor([loss.item(), ce.item(), n_masked, batch.n_tokens], device=dev.device)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)

@@ -1,0 +1,172 @@
+"""The trainer end to end on CPU: it learns, LoRA trains only adapters, exact resume after a kill, the plan's
+script under torchrun (FSDP2 on gloo), equality of 2-process and 1-process runs, and clean failures."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamtune.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def base_args(model_dir, data_dir, run_dir, *extra):
+    return [f"model.partial_pretrain={model_dir}", f"data.train_files={data_dir / 'train.parquet'}",
+            f"data.val_files={data_dir / 'val.parquet'}", "data.max_length=40", "data.train_batch_size=8",
+            "data.micro_batch_size_per_gpu=4", "optim.lr=3e-3", "optim.warmup_steps_ratio=0.05",
+            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console','tensorboard']", "trainer.device=cpu",
+            "trainer.val_check_steps=10", *extra]
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for r in rows:  # a resumed run re-logs the steps after its checkpoint: the last entry wins
+        if "loss" in r:
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def dcp_state(ckpt):
+    """The fp32 model weights stored in a resumable checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(ckpt).parent / f"{Path(ckpt).name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def test_tiny_run_learns_and_writes_everything(tiny_model_dir, sft_data, tmp_path):
+    from safetensors.torch import load_file
+
+    import dreamtune
+
+    run = tmp_path / "run"
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, run, "trainer.total_epochs=15")]) == 0
+    m = metrics(run)
+    first, last = sum(r["loss"] for r in m[:5]) / 5, sum(r["loss"] for r in m[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    vals = [json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert vals[-1] < vals[0]
+    for name in ["train.log", "config.yaml", "metrics.jsonl", "checkpoint-final/config.json", "latest"]:
+        assert (run / name).exists(), name
+    assert "step 90/90" in (run / "train.log").read_text()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # every parameter changed, and the export is bf16 and loads
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(run / "checkpoint-final" / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in after.values())
+    unchanged = [k for k in before if torch.equal(before[k].to(torch.bfloat16), after[k])]
+    assert not unchanged, unchanged
+    lm = dreamtune.load(run / "checkpoint-final")
+    assert lm.shift and lm.mask_token_id == 4
+
+
+def test_lora_trains_only_adapters(tiny_model_dir, sft_data, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "lora"
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, run, "trainer.total_epochs=2", "model.lora_rank=4",
+                                     "model.lora_alpha=8", "trainer.save_checkpoint_steps=5")]) == 0
+    state = dcp_state(run / "checkpoint-12")
+    assert state and all("lora_" in k for k in state), list(state)[:5]  # only adapters are stored
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(run / "checkpoint-final" / "model.safetensors")
+    assert set(after) == set(before)  # merged back into plain HF names
+    changed = {k for k in before if not torch.equal(before[k].to(torch.bfloat16), after[k])}
+    assert changed and all(k.endswith(("proj.weight",)) for k in changed), changed  # linear layers only
+    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
+
+
+def test_exact_resume_after_kill(tiny_model_dir, sft_data, tmp_path):
+    args = ["data.train_batch_size=4", "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=160",
+            "trainer.save_checkpoint_steps=4", "trainer.keep_last=1", "trainer.val_check_steps=0",
+            "diffusion.time_reweighting=cart", "data.perbatch_cutoff=true", "data.perbatch_cutoff_type=random_with_input_pad"]
+    cmd = [sys.executable, "-m", "dreamtune.train"]
+    full = tmp_path / "full"
+    subprocess.run(cmd + base_args(tiny_model_dir, sft_data, full, *args), check=True, env=ENV, capture_output=True)
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(cmd + base_args(tiny_model_dir, sft_data, cut, *args), env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "latest").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (cut / "checkpoint-final").exists(), "the run finished before it could be killed"
+    killed_at = int((cut / "latest").read_text().split("-")[1])
+    assert killed_at < 160
+    subprocess.run(cmd + base_args(tiny_model_dir, sft_data, cut, *args, "trainer.resume_training=true"),
+                   check=True, env=ENV, capture_output=True)
+
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 161))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    wa, wb = dcp_state(full / "checkpoint-160"), dcp_state(cut / "checkpoint-160")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _torchrun(nproc, args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dreamtune.train", *args]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.distributed
+def test_fsdp_two_processes_match_one(tiny_model_dir, sft_data, tmp_path):
+    """Global batch 8: one process with 2 accumulation steps of 4 vs two FSDP2 ranks with one of 4 each."""
+    extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=3", "trainer.save_checkpoint_steps=100"]
+    _torchrun(1, base_args(tiny_model_dir, sft_data, tmp_path / "one", *extra), tmp_path)
+    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "two", *extra), tmp_path)
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):  # fp32 on CPU; only the order of the reductions differs
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_plan_script_runs_as_written(tiny_model_dir, sft_data, tmp_path):
+    """`bash scripts/run_sft_s1k.sh 2 checkpoints/exp1`, model and data pointed at local files."""
+    import dreamtune
+
+    env = {**ENV, "MODEL_PATH": str(tiny_model_dir), "DATA_DIR": str(sft_data), "WANDB_MODE": "offline",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "run_sft_s1k.sh"), "2", "checkpoints/exp1"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "checkpoints" / "exp1"
+    assert (run / "train.log").exists() and (run / "metrics.jsonl").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    cfg = (run / "config.yaml").read_text()
+    assert "perbatch_cutoff: true" in cfg and "save_checkpoint_steps: 500" in cfg
+    lm = dreamtune.load(run / "checkpoint-final")
+    assert lm.model.config.is_causal is False
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.max_lenght=5", "data.max_length"),
+    ("data.truncation=sideways", "data.truncation"),
+    ("data.train_files=/nope/train.parquet", "/nope/train.parquet"),
+    ("model.partial_pretrain=NOTAMODEL", "no config.json"),
+])
+def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, fragment, capsys):
+    if override.startswith("model.partial_pretrain"):
+        (tmp_path / "NOTAMODEL").mkdir()
+        override = f"model.partial_pretrain={tmp_path / 'NOTAMODEL'}"
+    run = tmp_path / "run"
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, run), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and fragment in err[-1]
+    assert not run.exists()  # no half-made run directory
