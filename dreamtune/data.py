@@ -473,7 +473,8 @@ def _looks_like_path(name: str) -> bool:
 @contextlib.contextmanager
 def hub_offline_if_unreachable(timeout: float = 3.0):
     """Run the block in Hugging Face offline mode when the hub cannot be reached, so that a missing
-    network fails at once (cached files still load) instead of after about 25 s of retries."""
+    network fails at once (cached files still load) instead of after about 25 s of retries. Yields
+    whether it did so."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -484,7 +485,7 @@ def hub_offline_if_unreachable(timeout: float = 3.0):
     except OSError:
         reachable = False
     if reachable:
-        yield
+        yield False
         return
     import huggingface_hub.constants as hub_constants
 
@@ -497,7 +498,7 @@ def hub_offline_if_unreachable(timeout: float = 3.0):
     if ds_config:
         ds_config.HF_HUB_OFFLINE = True
     try:
-        yield
+        yield True
     finally:
         os.environ.pop("HF_HUB_OFFLINE", None)
         hub_constants.HF_HUB_OFFLINE = saved[0]
@@ -526,7 +527,7 @@ def download(dataset: str, out: str, split: str = "train", config: str | None = 
                              "a column holds values of different types") from None
         write = lambda tmp: pq.write_table(table, tmp)  # noqa: E731
     else:
-        with hub_offline_if_unreachable():
+        with hub_offline_if_unreachable() as offline:
             try:
                 import datasets
 
@@ -535,8 +536,9 @@ def download(dataset: str, out: str, split: str = "train", config: str | None = 
                 raise
             except Exception as e:  # the hub, the network and the datasets library fail in many ways
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"could not load '{dataset}' (split {split}) from the Hugging Face Hub: {first}; "
-                                 "offline? fetch the files elsewhere and pass a local parquet, jsonl or json "
+                why = "the Hub cannot be reached (offline?) and it is not in the local cache" if offline else first
+                raise ValueError(f"could not load '{dataset}' (split {split}) from the Hugging Face Hub: {why}; "
+                                 "fetch the files on a connected machine and pass a local parquet, jsonl or json "
                                  f"file or directory instead: dreamtune data download PATH --out {out}") from None
         write = lambda tmp: ds.to_parquet(tmp)  # noqa: E731
     made = _first_missing(target.parent)

@@ -150,11 +150,12 @@ def load_tokenizer(name: str):
         raise FileNotFoundError(f"tokenizer directory not found: {name}")
     from transformers import AutoTokenizer
 
-    with hub_offline_if_unreachable():
+    with hub_offline_if_unreachable() as offline:
         try:
             return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = "the Hub cannot be reached (offline?) and it is not in the local cache" if offline else first
             raise ValueError(f"cannot load tokenizer '{name}' ({first}); pass a local tokenizer directory "
                              "(tokenizer_config.json + vocab files), e.g. ../shared/data/tokenizer-dream") from None
 
