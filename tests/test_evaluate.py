@@ -1,0 +1,235 @@
+"""`dreamtune eval`, `compare` and `generate` end to end on a tiny random model, plus the pure pieces
+(merge of rank parts, sharding, config checks) and the one-line CLI errors.
+
+Run: /work/venv/bin/pytest tests/test_evaluate.py -q   (uses ../shared/data/eval; skips without it)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dreamtune.evaluate as evaluate
+from dreamtune.cli import main as cli
+from dreamtune.models import save_hf
+from dreamtune.tiny import tiny_lm
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+EVAL = DATA / "eval"
+TASKS = "gsm8k,math500,aime24,aime25,amc23"
+needs_data = pytest.mark.skipif(not (EVAL / "gsm8k" / "test.jsonl").is_file(),
+                                reason=f"benchmark files not found at {EVAL} (the shared data directory beside the repo)")
+FAST = ["--max-new-tokens", "16", "--steps", "4", "--grade-workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to other processes' load
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_hf(tiny_lm(seed=3), tmp_path_factory.mktemp("m") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def model_dir2(tmp_path_factory):
+    return str(save_hf(tiny_lm(seed=4), tmp_path_factory.mktemp("m") / "tiny2"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# --------------------------------------------------------------------------------------- eval
+
+
+@needs_data
+def test_eval_end_to_end(model_dir, tmp_path):
+    out = tmp_path / "results" / "eval_results.json"
+    rc = cli(["eval", "--model", model_dir, "--tasks", TASKS, "--data-dir", str(EVAL), "--limit", "5",
+              "--prompt-format", "chat", "--out", str(out), *FAST])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert set(summary["tasks"]) == set(TASKS.split(","))
+    for s in summary["tasks"].values():
+        assert s["total"] == 5 and 0 <= s["correct"] <= 5 and set(s["by_stage"]) >= {"exact", "none"}
+    d = summary["decoding"]
+    assert (d["alg"], d["steps"], d["max_new_tokens"], d["temperature"]) == ("entropy", 4, 16, 0.2)
+    assert summary["model"] == str(Path(model_dir).resolve()) and summary["prompt_format"] == "chat"
+    assert summary["time_s"] > 0 and summary["seed"] == 0 and summary["created"]
+    rows = read_jsonl(out.with_name("eval_results.samples.jsonl"))
+    assert len(rows) == 25 and len({(r["task"], r["id"]) for r in rows}) == 25
+    for r in rows:
+        assert {"task", "id", "question", "prompt", "response", "answer", "extracted", "correct", "stage"} <= set(r)
+        assert r["prompt"].endswith("<|im_start|>assistant\n")
+    assert [r["task"] for r in rows[::5]] == TASKS.split(",")  # merged in task order
+    assert not list(out.parent.glob("*.part-*"))  # parts merged and removed
+
+
+@needs_data
+def test_eval_fewshot(model_dir, tmp_path):
+    out = tmp_path / "few.json"
+    assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--data-dir", str(EVAL), "--limit", "2",
+                "--prompt-format", "fewshot", "--shots", "1", "--alg", "fast", "--out", str(out), *FAST]) == 0
+    rows = read_jsonl(tmp_path / "few.samples.jsonl")
+    assert len(rows) == 2 and rows[0]["prompt"].count("Question:") == 2
+    assert json.loads(out.read_text())["decoding"]["sampler"] == "fast"
+
+
+@needs_data
+def test_eval_resume_skips_done_rows(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "eval_results.json"
+    args = ["eval", "--model", model_dir, "--tasks", "gsm8k,aime25", "--data-dir", str(EVAL),
+            "--prompt-format", "chat", "--out", str(out), *FAST]
+    assert cli(args + ["--limit", "2"]) == 0
+    first = read_jsonl(tmp_path / "eval_results.samples.jsonl")
+
+    generated = []
+    real = evaluate.generate_batches
+
+    def counting(lm, prompts, *a, **kw):
+        generated.append(len(prompts))
+        return real(lm, prompts, *a, **kw)
+
+    monkeypatch.setattr(evaluate, "generate_batches", counting)
+    assert cli(args + ["--limit", "3"]) == 0  # one new problem per task
+    assert generated == [1, 1]
+    rows = read_jsonl(tmp_path / "eval_results.samples.jsonl")
+    assert len(rows) == 6
+    assert [r for r in rows if r["id"] in ("0", "1")] == first  # earlier rows kept as they were
+
+    # a run killed mid-way: its rows live only in a part file (the last line torn); resume uses them
+    samples = tmp_path / "eval_results.samples.jsonl"
+    part = tmp_path / "eval_results.samples.part-0.jsonl"
+    whole = [r for r in rows if r["id"] != "2"]
+    part.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"task": "gsm8k", "id": "2", "que')
+    samples.unlink()
+    generated.clear()
+    assert cli(args + ["--limit", "3"]) == 0
+    assert generated == [1, 1]  # gsm8k/2 (torn) and aime25/2 again; the four whole rows are reused
+    assert len(read_jsonl(samples)) == 6 and not part.exists()
+
+    generated.clear()
+    assert cli(args + ["--limit", "3"]) == 0  # everything done: no model run at all
+    assert generated == []
+
+
+@needs_data
+def test_eval_refuses_a_different_configuration(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval_results.json"
+    args = ["eval", "--model", model_dir, "--tasks", "amc23", "--data-dir", str(EVAL), "--limit", "1",
+            "--prompt-format", "chat", "--out", str(out), *FAST]
+    assert cli(args) == 0
+    capsys.readouterr()
+    assert cli(args + ["--temperature", "0.5"]) == 2
+    assert "different configuration" in one_error_line(capsys)
+
+
+def test_merge_samples_and_shard():
+    order = [("gsm8k", "0"), ("gsm8k", "1"), ("gsm8k", "2"), ("amc23", "0"), ("amc23", "1")]
+    existing = [{"task": "gsm8k", "id": "1", "v": "old"}, {"task": "math500", "id": "9", "v": "extra"}]
+    part0 = [{"task": "gsm8k", "id": "0", "v": "p0"}, {"task": "gsm8k", "id": "2", "v": "p0"}]
+    part1 = [{"task": "amc23", "id": "1", "v": "p1"}, {"task": "gsm8k", "id": "1", "v": "dup"},
+             {"task": "amc23", "id": "0", "v": "p1"}]
+    merged = evaluate.merge_samples([existing, part0, part1], order)
+    assert [(r["task"], r["id"]) for r in merged] == order + [("math500", "9")]
+    assert [r["v"] for r in merged] == ["p0", "old", "p0", "p1", "p1", "extra"]
+    assert evaluate.merge_samples([], order) == []
+
+    items = list(range(10))
+    shards = [evaluate.shard(items, r, 3) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(sum(shards, [])) == items
+
+
+def test_config_check_and_torn_lines(tmp_path):
+    evaluate.check_config([{"config_id": "a"}], "a", "f")
+    with pytest.raises(ValueError, match="different configuration"):
+        evaluate.check_config([{"config_id": "a"}, {"config_id": "b"}], "a", "f")
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a"')
+    assert evaluate.read_rows(p) == [{"a": 1}, {"a": 2}]
+    evaluate.repair_tail(p)
+    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
+    p.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match="damaged"):
+        evaluate.read_rows(p)
+
+
+# --------------------------------------------------------------------------------------- compare, generate
+
+
+@needs_data
+def test_compare_task_writes_json(model_dir, model_dir2, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir2, "--task", "gsm8k", "--n", "2",
+                "--data-dir", str(EVAL), "--max-new-tokens", "16", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["base"] == model_dir and res["tuned"] == model_dir2 and res["decoding"]["max_new_tokens"] == 16
+    assert len(res["rows"]) == 2
+    for row in res["rows"]:
+        assert {"prompt", "answer", "base", "tuned", "base_correct", "tuned_correct"} <= set(row)
+    assert set(res["summary"]) == {"base_accuracy", "tuned_accuracy"}
+    assert "BASE" in capsys.readouterr().out
+
+
+def test_compare_prompts_file_same_model_same_text(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 1+1?\nName a colour.\n")
+    out = tmp_path / "c.json"
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--prompts", str(prompts), "--chat",
+                "--max-new-tokens", "12", "--temperature", "0.8", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["summary"] == {} and len(res["rows"]) == 2
+    assert all(r["base"] == r["tuned"] for r in res["rows"])  # same settings, same seed: same text
+
+
+def test_generate_cli(model_dir, tmp_path, capsys):
+    assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--json", "--seed", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["decoding"]["max_new_tokens"] == 16 and res["tokens_per_s"] > 0 and res["nfe"] >= 1
+    assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--seed", "1"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.rstrip("\n") == res["response"] and "tokens/s" in cap.err
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a", "k": 1}\n{"messages": [{"role": "user", "content": "bc"}]}\n'
+                   '{"prompt": [{"role": "user", "content": "a longer one"}]}\n')
+    dst = tmp_path / "out" / "o.jsonl"
+    assert cli(["generate", "--model", model_dir, "--input", str(src), "--output", str(dst), "--batch-size", "2",
+                "--alg", "fast", "--max-new-tokens", "8"]) == 0
+    rows = read_jsonl(dst)
+    assert len(rows) == 3 and rows[0]["k"] == 1 and all("response" in r for r in rows)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--model", "/nonexistent/model", "--tasks", "gsm8k", "--prompt-format", "chat"], "does not exist"),
+    (["eval", "--model", "MODEL", "--tasks", "gsm8k,bogus", "--prompt-format", "chat"], "unknown task 'bogus'"),
+    (["eval", "--model", "MODEL", "--tasks", "gsm8k"], "--prompt-format"),
+    (["eval", "--model", "MODEL", "--prompt-format", "chat", "--alg", "nope"], "invalid choice"),
+    (["generate", "--model", "/nonexistent/model", "hi"], "does not exist"),
+    (["generate", "--model", "MODEL", "hi", "--bogus-flag"], "unrecognized arguments"),
+    (["generate", "--model", "MODEL", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "--model", "MODEL"], "either a prompt or --input"),
+    (["compare", "--base", "/nonexistent/a", "--tuned", "MODEL", "--prompts", "PROMPTS"], "does not exist"),
+    (["compare", "--base", "MODEL", "--tuned", "MODEL"], "--prompts FILE or --task"),
+])
+def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needle):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    argv = [model_dir if a == "MODEL" else str(prompts) if a == "PROMPTS" else a for a in argv]
+    assert cli(argv) == 2
+    assert needle in one_error_line(capsys)
