@@ -179,9 +179,12 @@ def barrier(world: int) -> None:
         return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    mine = not dist.is_initialized()
+    if mine:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     dist.barrier()
+    if mine:
+        dist.destroy_process_group()
 
 
 def run_shard(args, problems, decoding, cid, out, rank) -> None:

@@ -192,6 +192,16 @@ def test_fast_threshold_one_reveals_the_most_confident_position_per_step(lm):
         canvas = after
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_fast_threshold_one_with_cache_reveals_one_per_step(lm, dual):
+    ids, mask = left_pad(lm, PROMPTS)
+    out = gen(lm, ids, mask, alg="fast", max_new_tokens=24, block_length=8, threshold=1.0, dual_cache=dual,
+              stop_at_eos=False, return_history=True)
+    start, _, _ = init_canvas(lm, ids, mask, 24)
+    assert out.nfe == 24
+    assert (revealed_per_step(out, ids.shape[1], start) == 1).all()
+
+
 def test_fast_low_threshold_reveals_a_block_per_step(lm):
     ids, mask = left_pad(lm, PROMPTS[:2])
     out = gen(lm, ids, mask, alg="fast", max_new_tokens=32, block_length=8, threshold=1e-6, stop_at_eos=False)
