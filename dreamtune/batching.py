@@ -14,7 +14,8 @@ Cutoffs (Dream's `data.perbatch_cutoff`, per micro-batch):
 positions, fewer than the shortest response.
 
 Packing (`data.packing`): rows are packed greedily into sequences of `max_length`; each document keeps
-its own positions and sees only itself (`doc_ids` drives the attention mask, the noise and CART). A
+its own positions and sees only itself (`doc_ids` drives the attention mask, built in
+models.document_attention_mask for the attention implementation in use, the noise and CART). A
 packed document is trained with its own eos only: there is no canvas of trailing pads to fill.
 """
 
@@ -153,11 +154,3 @@ def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
             pos[j, s:s + n] = torch.arange(n)
             s += n
     return Batch(ids, maskable, doc_ids, attention_mask=None, position_ids=pos, packed=True)
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Bool attention mask [B, 1, L, L]: a query sees the keys of its own document only. Padding (-1)
-    rows see themselves, so no softmax row is empty."""
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, L, L]
-    eye = torch.eye(doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device)
-    return (same | eye)[:, None]

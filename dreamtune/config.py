@@ -75,13 +75,14 @@ class ModelConfig:
     partial_pretrain: str = "Dream-org/Dream-v0-Base-7B"  # a hub id or a local directory
     trust_remote_code: bool = False  # accepted and ignored: dreamtune never runs remote code
     enable_gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1  # with checkpointing on: 1 = every layer, 2 = every other (faster, more memory)
     lora_rank: int = 0  # 0 = full fine-tune
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names
     dtype: str = "bf16"  # compute dtype on GPU (weights and optimizer stay fp32); CPU always runs fp32
     attn_implementation: str = "sdpa"
-    compile: bool = False  # torch.compile each decoder layer
+    compile: bool = False  # torch.compile each decoder layer (GPU)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -254,7 +255,7 @@ def validate(cfg) -> None:
     for name in cfg.trainer.logger:
         if name not in LOGGERS:
             raise ValueError(f"bad value for 'trainer.logger': '{name}' (choose from {', '.join(LOGGERS)})")
-    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "trainer.total_epochs",
+    positive = ["model.checkpoint_every_n_layers", "data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "trainer.total_epochs",
                 "trainer.save_checkpoint_steps"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:

@@ -75,6 +75,25 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def apply_activation_checkpointing(model: torch.nn.Module, every: int = 1) -> None:
+    """Recompute activations in the backward pass for every `every`-th decoder layer (transformers' own
+    per-layer checkpointing, non-reentrant). every=1 saves the most memory; 2 recomputes half the layers."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(hf, "activation_checkpointing_enable"):  # the newer transformers name
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 5.17 (the GPU image)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for i, layer in enumerate(hf.get_decoder().layers):
+        layer.gradient_checkpointing = i % every == 0
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer (same code, fused kernels); the layers share one compiled graph."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in hf.get_decoder().layers:
+        layer.compile()
+
+
 def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
                cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2 over a transformers *ForCausalLM (possibly inside a peft wrapper). fp32 master weights and

@@ -62,9 +62,14 @@ class DiffusionLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None) -> torch.Tensor:
         """Final-norm hidden states [B, L, H]. A 2-D 0/1 `attention_mask` marks pads (left padding):
-        pads are not attended, and positions count from the first real token, as Dream's generation does."""
+        pads are not attended, and positions count from the first real token, as Dream's generation does.
+        doc_ids [B, L] (packed rows): each position attends only to its own document; the mask is built
+        for the attention implementation in use (a BlockMask for flex_attention, a dense mask otherwise)."""
+        if doc_ids is not None:
+            assert attention_mask is None, "packed rows carry their mask in doc_ids"
+            attention_mask = document_attention_mask(doc_ids, self.model.config._attn_implementation)
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
@@ -76,14 +81,14 @@ class DiffusionLM:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def logits(self, input_ids, attention_mask=None, position_ids=None, positions=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, position_ids=None, positions=None, doc_ids=None) -> torch.Tensor:
         """Logits that score each position's own token: `logits[:, i]` predicts `input_ids[:, i]`.
 
         positions: optional bool [B, L]; then only those rows are projected through the vocabulary and the
         result is [N, V] in row-major order of the True entries (the loss needs masked positions only, and a
         152k-wide vocabulary makes full logits the largest tensor of a step).
         """
-        h = self.hidden_states(input_ids, attention_mask, position_ids)  # [B, L, H]
+        h = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids)  # [B, L, H]
         if self.shift:
             # Dream: the prediction for position i comes from the output at i-1; position 0 keeps its own.
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
@@ -96,6 +101,21 @@ class DiffusionLM:
     def to(self, *args, **kwargs) -> "DiffusionLM":
         self.model.to(*args, **kwargs)
         return self
+
+
+def document_attention_mask(doc_ids: torch.Tensor, implementation: str):
+    """Attention restricted to each position's own document (packing). Padding (-1) sees only padding.
+    flex_attention: a BlockMask (sparse: cost grows with the documents, not the row). Otherwise a dense
+    bool [B, 1, L, L] mask (sdpa), converted to additive form for eager in hidden_states."""
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_doc(b, h, q, kv):
+            return doc_ids[b, q] == doc_ids[b, kv]
+
+        B, L = doc_ids.shape
+        return create_block_mask(same_doc, B, None, L, L, device=doc_ids.device)
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # [B, 1, L, L]
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -152,8 +172,13 @@ def load_tokenizer(d: Path):
     has_files = any((d / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json"))
     if not has_files:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    tcfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    if tcfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast") and (d / "tokenizer.json").exists():
+        # a generic tokenizer.json (dreamtune's tiny char tokenizer, say): AutoTokenizer would pick the model
+        # type's tokenizer class (Qwen2Tokenizer), whose pre-tokenizer changes how text splits
+        return PreTrainedTokenizerFast.from_pretrained(str(d))
     try:
         # Never run remote code (and never prompt for it on stdin).
         return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)

@@ -128,15 +128,14 @@ def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle
 
 def forward_loss(lm, batch, cfg, generator: torch.Generator):
     """Noise the batch, run the model, return (loss, mean CE, masked count). One micro-batch."""
-    from dreamtune.batching import document_mask
     from dreamtune.diffusion import diffusion_loss, mask_tokens, position_weights, sample_t
 
     n_docs = int(batch.doc_ids.max()) + 1
     t_doc = sample_t(n_docs, generator, cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
     t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
     noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
-    attn = document_mask(batch.doc_ids) if batch.packed else batch.attention_mask
-    logits = lm.logits(noisy, attention_mask=attn, position_ids=batch.position_ids, positions=masked)  # [N, V]
+    logits = lm.logits(noisy, attention_mask=batch.attention_mask, position_ids=batch.position_ids, positions=masked,
+                       doc_ids=batch.doc_ids if batch.packed else None)  # [N, V]
     weights = position_weights(t, masked, cfg.diffusion.time_reweighting, cfg.diffusion.cart_p,
                                doc_ids=batch.doc_ids if batch.packed else None)
     loss, ce = diffusion_loss(logits, batch.input_ids[masked], weights, focal=cfg.diffusion.token_reweighting,
@@ -185,7 +184,9 @@ def train(cfg) -> Path:
 
     if cfg.model.trust_remote_code:
         LOG.info("model.trust_remote_code=True is ignored: dreamtune loads Dream without remote code")
-    lm = load(cfg.model.partial_pretrain, dtype="fp32", attn_implementation=cfg.model.attn_implementation)
+    # Full fine-tuning keeps fp32 master weights (bf16 compute); LoRA's frozen base can live in bf16 on a GPU.
+    lora_bf16 = cfg.model.lora_rank > 0 and dev.device.type == "cuda" and cfg.model.dtype == "bf16"
+    lm = load(cfg.model.partial_pretrain, dtype="bf16" if lora_bf16 else "fp32", attn_implementation=cfg.model.attn_implementation)
     if lm.tokenizer is None:
         raise ValueError(f"{cfg.model.partial_pretrain} has no tokenizer files; training needs one to render the data")
     pad_id = cfg.data.pad_token_id if cfg.data.pad_token_id is not None else lm.tokenizer.pad_token_id
@@ -225,12 +226,9 @@ def train(cfg) -> Path:
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                                  lora_dropout=cfg.model.lora_dropout, target_modules=targets))
     if cfg.model.enable_gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # transformers 5.17 (the GPU image)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.lora_rank > 0:
-            model.enable_input_require_grads()
+        D.apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
+    if cfg.model.compile and dev.device.type == "cuda":
+        D.apply_compile(model)
     compute_dtype = torch.bfloat16 if dev.device.type == "cuda" and cfg.model.dtype == "bf16" else None
     if dev.enabled:
         D.apply_fsdp(model, compute_dtype, cfg.model.fsdp_config.reshard_after_forward, cfg.model.fsdp_config.cpu_offload)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dreamtune.batching import collate, document_mask, pack, truncate
+from dreamtune.batching import collate, pack, truncate
+from dreamtune.models import document_attention_mask
 from dreamtune.diffusion import diffusion_loss, position_weights
 
 EOS = 0
@@ -76,16 +77,17 @@ def test_pack_layout():
     assert b.position_ids[0].tolist() == list(range(6)) + list(range(7))
     assert b.doc_ids[1].tolist()[:7] == [2] * 7 and (b.doc_ids[1, 7:] == -1).all()
     assert not b.maskable[1, 7:].any()  # the row's tail is neither attended by documents nor trained
-    m = document_mask(b.doc_ids)
+    m = document_attention_mask(b.doc_ids, "sdpa")
     assert m.shape == (2, 1, 13, 13) and not m[0, 0, 0, 6] and m[0, 0, 7, 12] and not m[1, 0, 0, 8]
 
 
-@pytest.mark.parametrize("weighting", ["original", "cart"])
-def test_packed_loss_equals_unpacked_loss(weighting):
+@pytest.mark.parametrize("weighting, impl", [("original", "sdpa"), ("cart", "sdpa"), ("original", "eager")])
+def test_packed_loss_equals_unpacked_loss(weighting, impl):
     """Same examples, same noise levels and masks: packing changes the layout, not the loss."""
     from dreamtune.tiny import tiny_lm
 
     lm = tiny_lm(layers=2)
+    lm.model.config._attn_implementation = impl
     g = torch.Generator().manual_seed(0)
     exs = [([7 + i, 8, 9, 10][: 2 + i % 3], [11 + j for j in range(3 + i)] + [EOS]) for i in range(5)]
     t_doc = torch.rand(len(exs), generator=g) * 0.8 + 0.1
@@ -100,7 +102,7 @@ def test_packed_loss_equals_unpacked_loss(weighting):
     with torch.no_grad():
         noisy = torch.where(pm, torch.full_like(packed.input_ids, lm.mask_token_id), packed.input_ids)
         t_pos = t_doc[packed.doc_ids.clamp(min=0)]
-        logits = lm.logits(noisy, attention_mask=document_mask(packed.doc_ids), position_ids=packed.position_ids, positions=pm)
+        logits = lm.logits(noisy, position_ids=packed.position_ids, positions=pm, doc_ids=packed.doc_ids)
         w = position_weights(t_pos, pm, weighting, 0.3, doc_ids=packed.doc_ids)
         packed_loss, _ = diffusion_loss(logits, packed.input_ids[pm], w)
         # unpacked: each document alone, exactly its own length

@@ -183,3 +183,12 @@ def test_char_tokenizer_round_trip():
     tok = char_tokenizer()
     s = "12 + 34 = 46\nAnswer: 46"
     assert tok.decode(tok(s).input_ids) == s
+
+
+def test_saved_char_tokenizer_loads_back_unchanged(tmp_path):
+    """A generic tokenizer.json must not be re-read as the model type's tokenizer (Qwen2's would drop spaces)."""
+    lm = tiny_lm()
+    back = models.load(models.save_hf(lm, tmp_path / "m", dtype=torch.float32))
+    s = "12 + 3 =\n15"
+    assert back.tokenizer(s).input_ids == lm.tokenizer(s).input_ids
+    assert back.tokenizer.decode(back.tokenizer(s).input_ids) == s
