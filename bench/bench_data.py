@@ -1,12 +1,13 @@
 """Benchmark: `dreamtune data prepare` + `dreamtune data validate` on s1K-1.1-sized data.
 
-    /work/venv/bin/python bench/bench_data.py [--rows 1000] [--tokens 8000] [--out runs/bench_data.json]
+    /work/venv/bin/python bench/bench_data.py [--rows 1000] [--tokens 8000] [--out FILE]
 
 Builds 1000 rows with s1K-1.1's columns from the real s1K questions in ../shared/data, with synthetic
 DeepSeek-style traces of about 8k tokens (sentences of real s1K solutions between the hesitations of an
 R1 trace, never one repeated character), then times each command as its own process, as a user runs
 it: interpreter start, imports and tokenizer loading included. Goal: under 30 s in all on 2 CPU cores.
-Prints a table and writes the figures as JSON.
+Prints a table and writes the figures as JSON (--out, default $OUT/bench_data.json if OUT is set,
+else bench/results/bench_data.json).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import platform
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,13 +65,17 @@ def build_rows(n: int, tokens: int, tokenizer_dir: Path, seed: int = 0) -> tuple
     return rows, ratio
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m dreamtune.cli ARGV`. CPU time shows what other work on
+    a shared machine does to the wall time (2 cores: CPU / 2 is about the wall time on an idle machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dreamtune.cli", *argv], cwd=REPO, capture_output=True, text=True)
     took = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv[:2])} failed:\n{proc.stdout}{proc.stderr}")
-    return took
+    return took, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def machine() -> str:
@@ -85,7 +91,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=8000, help="target deepseek trace length in tokens")
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--out", default=str(REPO / "runs" / "bench_data.json"))
+    ap.add_argument("--out", default=str(Path(os.environ.get("OUT") or REPO / "bench" / "results") / "bench_data.json"))
     args = ap.parse_args()
     tokenizer = SHARED / "tokenizer-dream"
     if not tokenizer.exists():
@@ -99,8 +105,9 @@ def main() -> None:
         rows, ratio = build_rows(args.rows, args.tokens, tokenizer)
         src = tmp / "s1k11.parquet"
         pq.write_table(pa.Table.from_pylist(rows), src)
-        t_prepare = timed(["data", "prepare", "--input", str(src), "--out", str(tmp / "prepared"), "--format", "s1k-1.1"])
-        t_validate = timed(["data", "validate", "--data", str(tmp / "prepared"), "--tokenizer", str(tokenizer),
+        load = os.getloadavg()[0]
+        (t_prepare, cpu_prepare) = timed(["data", "prepare", "--input", str(src), "--out", str(tmp / "prepared"), "--format", "s1k-1.1"])
+        (t_validate, cpu_validate) = timed(["data", "validate", "--data", str(tmp / "prepared"), "--tokenizer", str(tokenizer),
                             "--max-length", str(args.max_length)])
         report = json.loads((tmp / "prepared" / "validation.json").read_text())
         input_mb = src.stat().st_size / 2**20
@@ -113,6 +120,8 @@ def main() -> None:
         "over_max_length": report["over_max_length"], "answer_lost_right_truncation": report["answer_lost_right_truncation"],
         "prepare_s": round(t_prepare, 2), "validate_s": round(t_validate, 2), "total_s": round(t_prepare + t_validate, 2),
         "validate_tokens_per_s": round(tokens / t_validate), "goal_s": 30,
+        "cpu_s": {"prepare": round(cpu_prepare, 2), "validate": round(cpu_validate, 2)},
+        "load_average_1min_at_start": round(load, 2),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -120,10 +129,12 @@ def main() -> None:
     print(f"machine: {result['machine']}")
     print(f"{result['rows']} rows, input {result['input_parquet_mb']} MB parquet, response tokens "
           f"mean {r['mean']:.0f} (min {r['min']}, max {r['max']}), {tokens / 1e6:.1f}M tokens in all")
-    print(f"{'step':<34}{'seconds':>9}")
-    print(f"{'dreamtune data prepare':<34}{t_prepare:>9.2f}")
-    print(f"{'dreamtune data validate':<34}{t_validate:>9.2f}   ({result['validate_tokens_per_s'] / 1e6:.2f}M tokens/s)")
-    print(f"{'total (goal < 30 s)':<34}{t_prepare + t_validate:>9.2f}")
+    print(f"load average at start: {load:.2f} (other work on the machine slows the wall time)")
+    print(f"{'step':<28}{'wall s':>8}{'CPU s':>8}")
+    print(f"{'dreamtune data prepare':<28}{t_prepare:>8.2f}{cpu_prepare:>8.2f}")
+    print(f"{'dreamtune data validate':<28}{t_validate:>8.2f}{cpu_validate:>8.2f}   "
+          f"({result['validate_tokens_per_s'] / 1e6:.2f}M tokens/s)")
+    print(f"{'total (goal < 30 s)':<28}{t_prepare + t_validate:>8.2f}{cpu_prepare + cpu_validate:>8.2f}")
     print(f"wrote {args.out}")
 
 

@@ -203,8 +203,9 @@ def encode_batches(tokenizer, prompts, responses, chunk_size: int = 256):
     texts = render_prompts(tokenizer, prompts)
     for start in range(0, len(texts), chunk_size):
         # Tokenizing the rendered text is what apply_chat_template(tokenize=True) does.
-        p = tokenizer(texts[start:start + chunk_size], add_special_tokens=False, verbose=False)
-        r = tokenizer(list(responses[start:start + chunk_size]), add_special_tokens=False, verbose=False)
+        kw = {"add_special_tokens": False, "return_attention_mask": False, "verbose": False}
+        p = tokenizer(texts[start:start + chunk_size], **kw)
+        r = tokenizer(list(responses[start:start + chunk_size]), **kw)
         yield start, p, r
 
 
@@ -571,15 +572,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("prepare", help="convert rows to prompt/response, split, write train/val parquet",
-                       description=__doc__[__doc__.index("Formats of"):__doc__.index("Every output")], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__[__doc__.index("Formats of"):__doc__.index("Every output")],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="parquet, jsonl or json file, or a directory of them")
     p.add_argument("--out", required=True, help="output directory (must be absent or empty, or --overwrite)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     p.add_argument("--trace", choices=("deepseek", "gemini", "none"), default=None,
                    help="s1k-1.1: deepseek (default), gemini or none (the reference solution); s1k: gemini or none")
     p.add_argument("--layout", choices=("s1", "plain"), default=None, help="s1 (default): s1's think/answer text")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f"default: {DEFAULT_SYSTEM_PROMPT!r}")
-    p.add_argument("--no-system-prompt", action="store_true", help="no system message")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f"default: {DEFAULT_SYSTEM_PROMPT!r}")
+    system.add_argument("--no-system-prompt", action="store_true", help="no system message")
     p.add_argument("--prompt-column", default=None)
     p.add_argument("--response-column", default=None)
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -592,7 +595,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="a prepared DIR (train + val) or a parquet/jsonl/json file")
     v.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
     v.add_argument("--max-length", type=int, required=True)
-    v.add_argument("--out", default=None, help="report path (default DIR/validation.json); the PNG goes beside it")
+    v.add_argument("--out", default=None, help="report path (default: DIR/validation.json for a prepared DIR, "
+                   "else ./NAME.validation.json); the PNG goes beside it")
     v.add_argument("--prompt-column", default="prompt")
     v.add_argument("--response-column", default="response")
     return parser
@@ -603,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "download":
         target = download(args.dataset, args.out, args.split, args.config, args.overwrite)
         print(f"wrote {target}")
-        print(f"next: dreamtune data prepare --input {target} --out DIR --format s1k-1.1")
+        print(f"next: dreamtune data prepare --input {target} --out DIR --format {'|'.join(FORMATS)}")
     elif args.command == "prepare":
         m = prepare(args.input, args.out, args.fmt, trace=args.trace, layout=args.layout,
                     system_prompt=None if args.no_system_prompt else args.system_prompt,

@@ -171,6 +171,16 @@ def _load_splits(data: str) -> dict[str, list[dict]]:
     return {path.stem if path.is_file() else "all": read_rows(path)}
 
 
+def default_report_path(data: str) -> Path:
+    """DIR/validation.json for a prepared DIR (or a file in one); otherwise ./NAME.validation.json, so
+    that checking someone else's data never writes into their folder."""
+    path = Path(data).expanduser()
+    home = path if path.is_dir() else path.parent
+    if (home / "manifest.json").exists():
+        return home / "validation.json"
+    return Path.cwd() / f"{path.stem if path.is_file() else path.name}.validation.json"
+
+
 def validate(data: str, tokenizer, max_length: int, out: str | None = None,
              prompt_key: str = "prompt", response_key: str = "response") -> dict:
     """Validate `data` against a tokenizer (name or object) and max_length; write the JSON report and
@@ -187,7 +197,7 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
             check_columns(rows, prompt_key, response_key)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    out_path = Path(out) if out else (Path(data) if Path(data).is_dir() else Path(data).parent) / "validation.json"
+    out_path = Path(out) if out else default_report_path(data)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 

@@ -265,6 +265,7 @@ def test_encode_example_and_batched_agree(tok, s1k11):
     responses = [r["deepseek_attempt"] for r in rows[:12]] + ["<|im_start|>think\nsé 日本 ∑\n<|im_start|>answer\nAnswer: 1"]
     one = [encode_example(tok, p, r) for p, r in zip(prompts, responses)]
     assert encode_examples(tok, prompts, responses) == one
+    assert encode_example(tok, "q", "")[1] == [151643]  # an empty response is eos alone (prompt-only use)
     p_ids, r_ids = one[-1]
     assert r_ids[-1] == 151643 and r_ids[0] == 151644  # eos last; <|im_start|> is one special token
     assert tok.decode(p_ids).endswith("<|im_start|>user\na plain question<|im_end|>\n<|im_start|>assistant\n")
@@ -359,15 +360,21 @@ def test_answer_loss_boundary(tok, tmp_path):
         assert report["rows_without_answer_marker"] == 0
 
 
-def test_validate_cli_summary(capsys, tmp_path):
+def test_validate_cli_summary(capsys, tmp_path, monkeypatch):
     shared("tokenizer-dream")
     rows = [{"prompt": "What is 2+2?", "response": "2+2 = 4.\nAnswer: 4"}, {"prompt": "Hi?", "response": "Hello."}]
-    path = write_parquet(rows, tmp_path / "tiny.parquet")
+    (tmp_path / "theirs").mkdir()
+    path = write_parquet(rows, tmp_path / "theirs" / "tiny.parquet")
     code, out, _ = run_cli(capsys, "validate", "--data", path, "--tokenizer", shared("tokenizer-dream"),
                            "--max-length", 2048, "--out", tmp_path / "report" / "v.json")
     assert code == 0
     assert "over max_length:" in out and "the run proceeds" in out and "1 rows have no answer marker" in out
     assert (tmp_path / "report" / "v.json").exists() and (tmp_path / "report" / "v.png").exists()
+    # not a prepared DIR: the report goes to the current directory, never into the data's folder
+    monkeypatch.chdir(tmp_path / "report")
+    assert run_cli(capsys, "validate", "--data", path, "--tokenizer", shared("tokenizer-dream"), "--max-length", 9)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["tiny.parquet"]
+    assert json.loads((tmp_path / "report" / "tiny.validation.json").read_text())["over_max_length"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------
