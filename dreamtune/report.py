@@ -1,0 +1,472 @@
+"""`dreamtune report`: figures, a results table, base/tuned examples and the data summary of a run.
+
+    dreamtune report RUN_DIR [--eval FILE ...] [--compare FILE] [--validation FILE] [--out DIR]
+
+Reads only the artifacts of docs/artifacts.md: RUN_DIR/metrics.jsonl (required) and RUN_DIR/config.yaml,
+eval results JSONs (`dreamtune eval`), a comparison JSON (`dreamtune compare`), and a data validation
+report (`dreamtune data validate`; default RUN_DIR/data_validation.json when present). Writes to --out
+(default RUN_DIR/report):
+
+  report.md      the report, with the PNG figures beside it
+  report.html    the same, one self-contained file (figures inlined as base64): open it, mail it
+  report.json    the numbers behind every figure and table (what the figures plot, exactly)
+  loss.png  lr.png  grad_norm.png  tokens_per_s.png  accuracy.png  validation.png
+
+Optional inputs that are missing or unreadable are skipped with a note (printed and in the report);
+a missing RUN_DIR or metrics.jsonl is an error. The report directory is replaced whole: it appears
+complete or not at all. A leaf: it reads files, and nothing in dreamtune imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Train-loss points are noisy (one micro-batch of random noise levels each): the figure adds a
+# moving average over this many steps so the trend is readable.
+SMOOTH = 20
+N_EXAMPLES = 6
+TRAIN_SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a ValueError: one `error:` line from the CLI, exit 2."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see 'dreamtune report --help')")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}} from
+    metrics.jsonl. A resumed run can log a step twice: the last row for a step wins."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
+                                "(trainer.default_local_dir, the one holding metrics.jsonl)")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
+    train, val = {}, {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # the last line of a run that is still writing (or was killed) may be cut short
+            continue
+        if not isinstance(row, dict) or "step" not in row:
+            continue
+        if "val_loss" in row:
+            val[int(row["step"])] = row
+        if "loss" in row:
+            train[int(row["step"])] = row
+    if not train and not val:
+        raise ValueError(f"{path} holds no training steps yet; run the trainer first (or wait for its first step)")
+    steps = sorted(train)
+    out = {"train": {"step": steps}, "val": {"step": sorted(val), "val_loss": [float(val[s]["val_loss"]) for s in sorted(val)]}}
+    for key in TRAIN_SERIES:
+        out["train"][key] = [float(train[s][key]) if train[s].get(key) is not None else float("nan") for s in steps]
+    return out
+
+
+def _read_json(path: Path, what: str, notes: list[str]):
+    """The JSON at `path`, or None with a note when it is missing or unreadable (optional inputs)."""
+    path = Path(path)
+    if not path.is_file():
+        notes.append(f"{what} {path} not found: skipped")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        notes.append(f"{what} {path} is not valid JSON ({type(e).__name__}): skipped")
+        return None
+
+
+def read_config(run_dir: Path) -> dict:
+    """A few settings of the run from config.yaml, flattened ({} when absent)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    keys = ["model.partial_pretrain", "data.train_files", "data.max_length", "data.train_batch_size",
+            "optim.lr", "optim.lr_scheduler", "trainer.total_training_steps", "trainer.total_epochs",
+            "diffusion.time_reweighting", "model.lora_rank", "trainer.seed"]
+    out = {}
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[key] = node
+    return out
+
+
+def model_label(model: str) -> str:
+    """A short name for a model path: its directory name, or the run's for RUN/checkpoint-* exports."""
+    p = Path(str(model).rstrip("/"))
+    if p.name.startswith("checkpoint") and p.parent.name:
+        return p.parent.name
+    return p.name or str(model)
+
+
+def read_evals(paths: list[str], notes: list[str]) -> list[dict]:
+    """[{"file", "label", "model", "tasks": {name: {accuracy, correct, total}}, "decoding", "time_s"}]."""
+    evals = []
+    for path in paths:
+        data = _read_json(Path(path), "eval results", notes)
+        if data is None:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+            notes.append(f"eval results {path} has no 'tasks' (not an eval_results.json): skipped")
+            continue
+        evals.append({"file": str(path), "model": str(data.get("model", "")), "label": model_label(data.get("model", path)),
+                      "tasks": {t: v for t, v in data["tasks"].items() if isinstance(v, dict) and "accuracy" in v},
+                      "decoding": data.get("decoding") or {}, "time_s": data.get("time_s")})
+    labels = [e["label"] for e in evals]
+    for e in evals:  # two evals of models with the same name: tell them apart by file
+        if labels.count(e["label"]) > 1:
+            e["label"] = f"{e['label']} ({Path(e['file']).stem})"
+    return evals
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _figure(title: str, ylabel: str):
+    from matplotlib.figure import Figure  # no pyplot: no global backend or state (Agg renders the PNG)
+
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def build_figures(metrics: dict, evals: list[dict]) -> dict:
+    """{file name: matplotlib Figure}: the lines and bars are exactly the series in `metrics`/`evals`."""
+    tr, va = metrics["train"], metrics["val"]
+    figs = {}
+    if tr["step"] or va["step"]:
+        fig, ax = _figure("loss", "loss")
+        if tr["step"]:
+            ax.plot(tr["step"], tr["loss"], color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss")
+            if len(tr["step"]) > SMOOTH:
+                ax.plot(tr["step"], moving_average(tr["loss"], SMOOTH), color="tab:blue",
+                        label=f"train loss (mean of {SMOOTH})")
+        if va["step"]:
+            ax.plot(va["step"], va["val_loss"], color="tab:orange", marker="o", label="validation loss")
+        if all(v > 0 for v in tr["loss"] + va["val_loss"]):
+            ax.set_yscale("log")
+        ax.legend()
+        figs["loss.png"] = fig
+    for key, title, ylabel in (("lr", "learning rate", "lr"), ("grad_norm", "gradient norm (before clipping)", "norm"),
+                               ("tokens_per_s", "throughput", "tokens/s")):
+        if tr["step"]:
+            fig, ax = _figure(title, ylabel)
+            ax.plot(tr["step"], tr[key], color="tab:green", linewidth=1, label=key)
+            figs[f"{key}.png"] = fig
+    if evals:
+        from matplotlib.figure import Figure
+
+        tasks = sorted({t for e in evals for t in e["tasks"]})
+        fig = Figure(figsize=(7, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        width = 0.8 / len(evals)
+        for i, e in enumerate(evals):
+            xs = [k + (i - (len(evals) - 1) / 2) * width for k in range(len(tasks))]
+            ys = [100 * e["tasks"][t]["accuracy"] if t in e["tasks"] else 0.0 for t in tasks]
+            bars = ax.bar(xs, ys, width, label=e["label"])
+            ax.bar_label(bars, labels=[f"{y:.0f}%" if t in e["tasks"] else "n/a" for y, t in zip(ys, tasks)], fontsize=8)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set(title="accuracy per task and model", ylabel="accuracy (%)", ylim=(0, 110))
+        ax.legend()
+        figs["accuracy.png"] = fig
+    return figs
+
+
+# ----------------------------------------------------------------------------------------------- the document
+# The report is a list of blocks rendered twice, as Markdown and as HTML, so the two never disagree.
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
+def _pick_examples(rows: list[dict], k: int) -> list[dict]:
+    """Rows that show the fine-tuning's effect first (tuned right, base wrong), then the rest, in order."""
+    rank = lambda r: 0 if r.get("tuned_correct") and not r.get("base_correct") else 1  # noqa: E731
+    return sorted(rows, key=rank)[:k]
+
+
+def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict], compare: dict | None,
+                   validation: dict | None, images: list[str], notes: list[str]) -> list[tuple]:
+    tr, va = metrics["train"], metrics["val"]
+    doc = [("h1", f"dreamtune report: {run_dir.name}"), ("p", f"Run directory: `{run_dir}`")]
+
+    doc.append(("h2", "Training"))
+    rows = []
+    if tr["step"]:
+        rows += [("optimizer steps", tr["step"][-1]), ("final train loss", f"{tr['loss'][-1]:.4f}"),
+                 (f"final train loss (mean of last {min(SMOOTH, len(tr['loss']))})",
+                  f"{sum(tr['loss'][-SMOOTH:]) / len(tr['loss'][-SMOOTH:]):.4f}"),
+                 ("median tokens/s", f"{sorted(tr['tokens_per_s'])[len(tr['tokens_per_s']) // 2]:,.0f}")]
+    if va["step"]:
+        rows += [("final validation loss", f"{va['val_loss'][-1]:.4f} (step {va['step'][-1]})"),
+                 ("best validation loss", f"{min(va['val_loss']):.4f}")]
+    rows += [(k, _fmt(v)) for k, v in config.items()]
+    doc.append(("table", ["", "value"], rows))
+    for name in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
+        if name in images:
+            doc.append(("img", name, name.removesuffix(".png")))
+
+    doc.append(("h2", "Results"))
+    if evals:
+        table = []
+        for e in evals:
+            d = e["decoding"]
+            how = ", ".join(f"{k} {d[k]}" for k in ("alg", "steps", "max_new_tokens", "temperature") if k in d)
+            for task, r in sorted(e["tasks"].items()):
+                table.append((e["label"], task, f"{100 * r['accuracy']:.1f}%", f"{r.get('correct', '?')}/{r.get('total', '?')}",
+                              how, Path(e["file"]).name))
+        doc.append(("table", ["model", "task", "accuracy", "correct", "decoding", "file"], table))
+        if "accuracy.png" in images:
+            doc.append(("img", "accuracy.png", "accuracy"))
+    else:
+        doc.append(("p", "No eval results given (--eval FILE): no accuracy table."))
+    if compare:
+        s = compare.get("summary") or {}
+        if s.get("base_accuracy") is not None and s.get("tuned_accuracy") is not None:
+            doc.append(("p", f"Comparison on the same problems and decoding: base {100 * s['base_accuracy']:.1f}% -> "
+                             f"tuned {100 * s['tuned_accuracy']:.1f}%."))
+
+    doc.append(("h2", "Examples: base vs tuned"))
+    if compare and compare.get("rows"):
+        d = compare.get("decoding") or {}
+        doc.append(("p", f"Base `{compare.get('base', '?')}`, tuned `{compare.get('tuned', '?')}`; decoding: "
+                         + (", ".join(f"{k} {v}" for k, v in d.items() if v is not None) or "not recorded") + "."))
+        doc.append(("examples", _pick_examples(compare["rows"], N_EXAMPLES)))
+    else:
+        doc.append(("p", "No comparison given (--compare FILE): no examples."))
+
+    doc.append(("h2", "Training data"))
+    if validation:
+        v = validation
+        doc.append(("p", f"{v.get('rows', '?')} rows, tokenizer `{v.get('tokenizer', '?')}`, max_length {v.get('max_length', '?')}: "
+                         f"{v.get('over_max_length', '?')} rows over max_length, {v.get('answer_lost_right_truncation', '?')} "
+                         "would lose their final answer to right truncation."))
+        stats = [(k, *[_fmt(v[k].get(s)) for s in ("min", "median", "mean", "p90", "p99", "max")])
+                 for k in ("prompt", "response", "total") if isinstance(v.get(k), dict)]
+        if stats:
+            doc.append(("table", ["tokens", "min", "median", "mean", "p90", "p99", "max"], stats))
+        pol = v.get("policies") or {}
+        if pol:
+            doc.append(("table", ["truncation policy", "effect"],
+                        [(name, ", ".join(f"{k} {_fmt(x)}" for k, x in p.items() if x is not None)) for name, p in pol.items()]))
+        if "validation.png" in images:
+            doc.append(("img", "validation.png", "token lengths"))
+    else:
+        doc.append(("p", "No data validation report (--validation FILE, or RUN/data_validation.json)."))
+
+    if notes:
+        doc.append(("h2", "Notes"))
+        doc.append(("list", notes))
+    return doc
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def render_markdown(doc: list[tuple]) -> str:
+    out = []
+    for block in doc:
+        kind = block[0]
+        if kind == "h1":
+            out.append(f"# {block[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {block[1]}\n")
+        elif kind == "p":
+            out.append(block[1] + "\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {x}" for x in block[1]) + "\n")
+        elif kind == "img":
+            out.append(f"![{block[2]}]({block[1]})\n")
+        elif kind == "table":
+            _, head, rows = block
+            out.append("| " + " | ".join(map(_md_cell, head)) + " |")
+            out.append("|" + "---|" * len(head))
+            out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+            out.append("")
+        elif kind == "examples":
+            out.append("| prompt | answer | base | tuned |\n|---|---|---|---|")
+            for r in block[1]:
+                out.append(f"| {_md_cell(r.get('prompt', ''))} | {_md_cell(r.get('answer', ''))} | "
+                           f"{_mark(r.get('base_correct'))}{_md_cell(r.get('base', ''))} | "
+                           f"{_mark(r.get('tuned_correct'))}{_md_cell(r.get('tuned', ''))} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _mark(correct) -> str:
+    return "" if correct is None else ("✅ " if correct else "❌ ")
+
+
+def _prompt_text(prompt) -> str:
+    """A comparison row's prompt: a string, or chat messages shown as their contents."""
+    if isinstance(prompt, list):
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in prompt)
+    return str(prompt)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;vertical-align:top;text-align:left}
+th{background:#f4f4f4}pre{margin:0;white-space:pre-wrap;font-size:.85rem}img{max-width:100%;display:block;margin:1rem 0}
+.ok{background:#eaf7ea}.bad{background:#fbeaea}code{background:#f4f4f4;padding:0 .2rem}"""
+
+
+def render_html(doc: list[tuple], images: dict[str, bytes]) -> str:
+    """One self-contained page: CSS inline, figures as data: URIs."""
+    e = html.escape
+    code = lambda s: e(s).replace("`", "")  # noqa: E731  (the Markdown's `code` marks are dropped in HTML)
+    parts = []
+    title = next((b[1] for b in doc if b[0] == "h1"), "dreamtune report")
+    for block in doc:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{e(block[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{code(block[1])}</p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{e(str(x))}</li>" for x in block[1]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode(images[block[1]]).decode("ascii")
+            parts.append(f'<img alt="{e(block[2])}" src="data:image/png;base64,{data}">')
+        elif kind == "table":
+            _, head, rows = block
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+        elif kind == "examples":
+            rows = []
+            for r in block[1]:
+                cells = [f"<td><pre>{e(_prompt_text(r.get('prompt', '')))}</pre></td>", f"<td><pre>{e(str(r.get('answer', '')))}</pre></td>"]
+                for side in ("base", "tuned"):
+                    ok = r.get(f"{side}_correct")
+                    cls = "" if ok is None else (' class="ok"' if ok else ' class="bad"')
+                    cells.append(f"<td{cls}><pre>{e(_mark(ok) + str(r.get(side, '')))}</pre></td>")
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            parts.append("<table><tr><th>prompt</th><th>answer</th><th>base</th><th>tuned</th></tr>" + "".join(rows) + "</table>")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{CSS}</style></head>"
+            f"<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _validation_png(validation: dict | None, validation_path: Path | None) -> Path | None:
+    """The histogram `dreamtune data validate` wrote beside its report, if it is still there."""
+    if not validation:
+        return None
+    candidates = [Path(validation["histogram"])] if validation.get("histogram") else []
+    if validation_path is not None:
+        candidates.append(validation_path.with_suffix(".png"))
+        candidates.append(validation_path.parent / "validation.png")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> Path:
+    """Build the whole report into a temporary directory, then put it in place of `out`; return `out`."""
+    run_dir = Path(run_dir).expanduser()
+    notes: list[str] = []
+    metrics = read_metrics(run_dir)
+    config = read_config(run_dir)
+    eval_data = read_evals(list(evals), notes)
+    compare_data = _read_json(Path(compare), "comparison", notes) if compare else None
+    if validation is None and (run_dir / "data_validation.json").is_file():
+        validation = run_dir / "data_validation.json"
+    validation_path = Path(validation) if validation else None
+    validation_data = _read_json(validation_path, "data validation report", notes) if validation_path else None
+    out = Path(out).expanduser() if out else run_dir / "report"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())):
+        raise ValueError(f"--out {out} exists and is not a report directory; choose another --out")
+
+    figures = build_figures(metrics, eval_data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        images = {}
+        for name, fig in figures.items():
+            fig.savefig(tmp / name, format="png", dpi=100)
+            images[name] = (tmp / name).read_bytes()
+        png = _validation_png(validation_data, validation_path)
+        if png is not None:
+            shutil.copyfile(png, tmp / "validation.png")
+            images["validation.png"] = (tmp / "validation.png").read_bytes()
+        doc = build_document(run_dir, metrics, config, eval_data, compare_data, validation_data, list(images), notes)
+        (tmp / "report.md").write_text(render_markdown(doc))
+        (tmp / "report.html").write_text(render_html(doc, images))
+        series = {"train": metrics["train"], "val": metrics["val"],
+                  "accuracy": {e["label"]: {t: r["accuracy"] for t, r in e["tasks"].items()} for e in eval_data}}
+        (tmp / "report.json").write_text(json.dumps({"run": str(run_dir), "series": series, "figures": sorted(images),
+                                                     "notes": notes, "config": config}, indent=1, default=str) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="dreamtune report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (holds metrics.jsonl)")
+    p.add_argument("--eval", action="append", default=[], metavar="FILE", help="eval_results.json (repeatable)")
+    p.add_argument("--compare", default=None, metavar="FILE", help="comparison JSON from dreamtune compare")
+    p.add_argument("--validation", default=None, metavar="FILE",
+                   help="data validation JSON (default RUN_DIR/data_validation.json when present)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default RUN_DIR/report)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = write_report(args.run_dir, args.eval, args.compare, args.validation, args.out)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'} (self-contained)")
+    return 0
+
+
+if __name__ == "__main__":
+    from dreamtune.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))
