@@ -70,9 +70,10 @@ class DiffusionLM:
         if doc_ids is not None:
             assert attention_mask is None, "packed rows carry their mask in doc_ids"
             attention_mask = document_attention_mask(doc_ids, self.model.config._attn_implementation)
-        if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
+        dense = isinstance(attention_mask, torch.Tensor)  # a flex BlockMask passes through untouched
+        if dense and attention_mask.dim() == 2 and position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        if dense and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
             if self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 dtype = self.model.get_input_embeddings().weight.dtype
                 attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
