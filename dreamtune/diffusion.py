@@ -122,3 +122,20 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.T
         per_token = alpha * (1 - torch.exp(-ce)) ** gamma * ce
     loss = (per_token * weights.to(ce.dtype)).sum() / n
     return loss, ce.detach().mean()
+
+
+def head_loss(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
+              focal: bool = False, alpha: float = 0.25, gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusion_loss(head(h), ...) without materialising the logits for autograd when the head is a plain
+    bias-free linear layer (dreamtune.fused_ce); through the module (FSDP's sharded head) otherwise.
+    h [N, H] hidden states at the masked positions (shift applied). Returns (loss, mean CE)."""
+    from torch.distributed.tensor import DTensor
+
+    from dreamtune.fused_ce import weighted_linear_ce
+
+    w = getattr(head, "weight", None)
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and w is not None and not isinstance(w, DTensor)
+    if not plain:
+        return diffusion_loss(head(h), targets, weights, focal=focal, alpha=alpha, gamma=gamma)
+    loss, ce = weighted_linear_ce(h, w, targets, weights, focal=(alpha, gamma) if focal else None)
+    return loss, (ce.mean() if ce.numel() else ce.sum())

@@ -82,6 +82,18 @@ class DiffusionLM:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
+    def hidden_at(self, input_ids, attention_mask=None, position_ids=None, positions=None, doc_ids=None) -> torch.Tensor:
+        """The hidden states that score each position (the shift applied): [B, L, H], or [N, H] at the True
+        entries of the bool mask `positions` [B, L] in row-major order."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids)  # [B, L, H]
+        if self.shift:
+            # Dream: the prediction for position i comes from the output at i-1; position 0 keeps its own.
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        if positions is not None:
+            assert positions.shape == input_ids.shape, "positions must be a bool mask shaped like input_ids"
+            return h[positions]  # [N, H]
+        return h
+
     def logits(self, input_ids, attention_mask=None, position_ids=None, positions=None, doc_ids=None) -> torch.Tensor:
         """Logits that score each position's own token: `logits[:, i]` predicts `input_ids[:, i]`.
 
@@ -89,15 +101,8 @@ class DiffusionLM:
         result is [N, V] in row-major order of the True entries (the loss needs masked positions only, and a
         152k-wide vocabulary makes full logits the largest tensor of a step).
         """
-        h = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids)  # [B, L, H]
-        if self.shift:
-            # Dream: the prediction for position i comes from the output at i-1; position 0 keeps its own.
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
-        head = self.model.get_output_embeddings()
-        if positions is not None:
-            assert positions.shape == input_ids.shape, "positions must be a bool mask shaped like input_ids"
-            return head(h[positions])  # [N, V]
-        return head(h)  # [B, L, V]
+        h = self.hidden_at(input_ids, attention_mask, position_ids, positions, doc_ids)
+        return self.model.get_output_embeddings()(h)  # [B, L, V] or [N, V]
 
     def to(self, *args, **kwargs) -> "DiffusionLM":
         self.model.to(*args, **kwargs)

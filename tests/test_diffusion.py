@@ -149,3 +149,24 @@ def test_training_loss_uses_the_shift():
         direct = F.cross_entropy(shifted[masked], batch.input_ids[masked])
     assert n == int(masked.sum()) > 0
     assert torch.allclose(loss, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_fused_head_loss_matches_logits_path(focal):
+    """The chunked linear+CE gives the loss and the gradients of head(h) + diffusion_loss."""
+    from dreamtune.diffusion import head_loss
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(300, (50,), generator=g)
+    w = torch.rand(50, generator=g) * 3
+    loss, ce = head_loss(head, h, targets, w, focal=focal)
+    loss.backward()
+    gh, gw = h.grad.clone(), head.weight.grad.clone()
+    h.grad = None
+    head.weight.grad = None
+    ref, ref_ce = diffusion_loss(head(h), targets, w, focal=focal)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5) and torch.allclose(ce, ref_ce, rtol=1e-5)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
