@@ -170,3 +170,40 @@ def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, f
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and fragment in err[-1]
     assert not run.exists()  # no half-made run directory
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, sft_data, tmp_path, monkeypatch, capsys):
+    import dreamtune.train as T
+
+    real = T.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(lm, batch, cfg, generator):
+        loss, ce, n = real(lm, batch, cfg, generator)
+        calls["n"] += 1
+        if calls["n"] > 6:  # 2 micro-batches per step: steps 1-3 are fine, step 4 is not
+            loss = loss * float("nan")
+        return loss, ce, n
+
+    monkeypatch.setattr(T, "forward_loss", poisoned)
+    run = tmp_path / "run"
+    code = cli(["train", *base_args(tiny_model_dir, sft_data, run, "trainer.total_training_steps=10",
+                                     "trainer.save_checkpoint_steps=2", "trainer.val_check_steps=0")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "at step 4" in err[-1] and "last good checkpoint" in err[-1]
+    assert (run / "latest").read_text() == "checkpoint-2" and not (run / "checkpoint-final").exists()
+
+
+def test_oom_message_gives_the_plan_and_the_remedies():
+    from omegaconf import OmegaConf
+
+    from dreamtune.config import TrainConfig
+    from dreamtune.distributed import Dist
+    from dreamtune.train import oom_message
+
+    cfg = OmegaConf.structured(TrainConfig)
+    msg = oom_message(cfg, {"micro_batch": 2}, Dist(world=1), 7_615_616_512)
+    assert "7.62B parameters" in msg and "113 GiB" in msg
+    for remedy in ["micro_batch_size_per_gpu=1", "enable_gradient_checkpointing=True", "max_length=1024",
+                   "lora_rank=16", "cpu_offload=True"]:
+        assert remedy in msg
