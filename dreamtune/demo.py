@@ -1,0 +1,214 @@
+"""`dreamtune demo`: a web page where you type a prompt and watch the answer being denoised.
+
+    dreamtune demo --model runs/quickstart/tuned/checkpoint-final
+    dreamtune demo --model DIR --host 0.0.0.0 --port 8080     # reachable from other machines
+    dreamtune demo --model DIR --share                        # a public gradio.live link
+
+The page (Gradio) has a prompt box, the sampler's settings (algorithm, steps, max new tokens,
+temperature, the fast sampler's confidence threshold, seed) and a Run button. The answer canvas is shown
+after every denoising step, masked positions as `░`, so you watch them fill in; the status line gives
+the step and the time the generation took.
+
+It binds 127.0.0.1 unless --host says otherwise. Prompts that do not fit the model's context
+(max_position_embeddings minus max new tokens) are refused with a message on the page. Concurrent users
+never share a canvas or a random generator: every request builds its own; only the model's forward
+passes take turns, behind a lock. A leaf: nothing in dreamtune imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+MASK_GLYPH = "░"
+ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast")
+# Upper bound on how long the replay of a finished generation's steps takes on the page: the canvases
+# are the real ones, but a tiny model on a CPU finishes faster than an eye can follow.
+REPLAY_SECONDS = 1.5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a ValueError: one `error:` line from the CLI, exit 2."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see 'dreamtune demo --help')")
+
+
+def render_canvas(tokenizer, tokens, mask_id: int) -> str:
+    """The answer region of a canvas as text: masks as MASK_GLYPH, eos/pad hidden, the rest decoded in
+    runs (a BPE token decoded alone can differ from the same token inside its word)."""
+    eos = tokenizer.eos_token_id
+    out, run = [], []
+
+    def flush():
+        if run:
+            out.append(tokenizer.decode(run, skip_special_tokens=False))
+            run.clear()
+
+    for t in tokens:
+        if t == mask_id:
+            flush()
+            out.append(MASK_GLYPH)
+        elif t == eos:
+            flush()
+        else:
+            run.append(t)
+    flush()
+    return "".join(out)
+
+
+def final_text(tokenizer, tokens) -> str:
+    """The finished answer: everything before the first eos."""
+    tokens = list(tokens)
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def context_limit(lm, max_new_tokens: int) -> int:
+    """How many prompt tokens fit beside max_new_tokens in the model's context."""
+    return int(getattr(lm.config, "max_position_embeddings", 2048)) - int(max_new_tokens)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Prompt ids: through the chat template (as dreamtune trains) when asked and available, else raw."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 32, max_new_tokens: int = 32,
+                   temperature: float = 0.0, threshold: float = 0.9, seed: int = 0, chat: bool = True,
+                   lock: threading.Lock | None = None, replay_seconds: float = 0.0):
+    """Yield (canvas text, status) after every denoising step of one request, then the final answer.
+
+    Pure with respect to the caller: the request's generator, canvas and history are its own; `lock`
+    (shared by a server's requests) only serialises the model's forward passes. A prompt that does not
+    fit the context, or a bad setting, yields one message and stops."""
+    import torch
+
+    from dreamtune.sampling import generate
+
+    prompt = (prompt or "").strip()
+    if not prompt:
+        yield "", "Type a prompt first."
+        return
+    steps, max_new_tokens, seed = int(steps), int(max_new_tokens), int(seed)
+    ids = encode_prompt(lm.tokenizer, prompt, chat)
+    limit = context_limit(lm, max_new_tokens)
+    if len(ids) > limit:
+        yield "", (f"Prompt refused: it is {len(ids)} tokens, and this model's context "
+                   f"({lm.config.max_position_embeddings} tokens) minus {max_new_tokens} new tokens leaves room "
+                   f"for {max(limit, 0)}. Shorten the prompt or lower max new tokens.")
+        return
+    input_ids = torch.tensor([ids], dtype=torch.long, device=lm.device)  # [1, P]
+    generator = torch.Generator(device=lm.device.type).manual_seed(seed)
+    mask_id = lm.mask_token_id
+    yield MASK_GLYPH * max_new_tokens, f"denoising {max_new_tokens} tokens..."
+    t0 = time.time()
+    try:
+        with lock if lock is not None else _nolock():
+            out = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
+                           temperature=float(temperature), threshold=float(threshold), generator=generator,
+                           return_history=True)
+    except ValueError as e:  # a bad setting: say so on the page
+        yield "", f"Not run: {e}"
+        return
+    took = time.time() - t0
+    history = out.history or [out.sequences.cpu()]
+    p = len(ids)
+    pause = min(0.1, replay_seconds / max(len(history), 1)) if replay_seconds else 0.0
+    for i, canvas in enumerate(history, 1):
+        text = render_canvas(lm.tokenizer, canvas[0, p:].tolist(), mask_id)
+        yield text, f"step {i}/{len(history)} ({out.nfe} forward passes, {took:.2f} s)"
+        if pause:
+            time.sleep(pause)
+    answer = final_text(lm.tokenizer, out.sequences[0, p:].tolist())
+    yield answer, f"done: {len(history)} steps, {out.nfe} forward passes, {took:.2f} s"
+
+
+class _nolock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_app(lm, title: str = "dreamtune demo", replay_seconds: float = REPLAY_SECONDS):
+    """The Gradio Blocks page for one loaded model."""
+    import gradio as gr
+
+    lock = threading.Lock()  # the model's forward passes take turns; nothing else is shared
+    ctx = int(getattr(lm.config, "max_position_embeddings", 2048))
+    default_new = min(64, max(1, ctx // 4))
+
+    def run(prompt, alg, steps, max_new_tokens, temperature, threshold, seed, chat):
+        yield from denoise_stream(lm, prompt, alg=alg, steps=steps, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, threshold=threshold, seed=seed, chat=chat, lock=lock,
+                                  replay_seconds=replay_seconds)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"## {title}\nModel: `{lm.source}` (context {ctx} tokens). The answer is denoised step by step; "
+                    f"`{MASK_GLYPH}` marks positions still masked.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="e.g. 47+38=?", elem_id="prompt")
+                run_btn = gr.Button("Run", variant="primary", elem_id="run")
+                canvas = gr.Textbox(label="Answer (denoising)", lines=8, interactive=False, elem_id="canvas",
+                                    autoscroll=False)
+                status = gr.Markdown("", elem_id="status")
+            with gr.Column(scale=2):
+                alg = gr.Dropdown(list(ALGS), value="maskgit_plus", label="Algorithm", elem_id="alg")
+                steps = gr.Slider(1, 512, value=default_new, step=1, label="Steps (Dream's algorithms)", elem_id="steps")
+                max_new = gr.Slider(1, max(1, ctx - 1), value=default_new, step=1, label="Max new tokens", elem_id="max_new")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                threshold = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Confidence threshold (fast sampler)")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                chat = gr.Checkbox(value=True, label="Chat template")
+        inputs = [prompt, alg, steps, max_new, temperature, threshold, seed, chat]
+        run_btn.click(run, inputs, [canvas, status])
+        prompt.submit(run, inputs, [canvas, status])
+    # several requests in flight at once; they interleave at the model lock, each with its own state
+    app.queue(default_concurrency_limit=8)
+    return app
+
+
+def load_model(model_dir: str):
+    import torch
+
+    from dreamtune.models import load
+
+    device = "cuda" if torch.cuda.is_available() else None
+    dtype = "bf16" if device == "cuda" else "fp32"
+    lm = load(model_dir, dtype=dtype, device=device)
+    if lm.tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer files; the demo needs one to read prompts")
+    return lm
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="dreamtune demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (e.g. RUN/checkpoint-final) or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1-65535, got {args.port}")
+    lm = load_model(args.model)
+    app = build_app(lm)
+    print(f"dreamtune demo: {args.model} on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, quiet=True,
+               footer_links=[])
+    return 0
+
+
+if __name__ == "__main__":
+    from dreamtune.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:]))

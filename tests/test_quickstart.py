@@ -1,0 +1,116 @@
+"""`dreamtune quickstart`: one real run (shared with test_notebooks.py) checked end to end, plus the
+quick pieces (argument errors, held-out problems, thread choice) without a run.
+
+    pytest tests/test_quickstart.py          # about 2-4 minutes on a 2-core CPU: the run is the bulk
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from _quickstart_fixture import quickstart_out  # noqa: F401  (a pytest fixture)
+from dreamtune import quickstart as Q
+from dreamtune.cli import main as cli_main
+
+# The untrained model answers nothing; the tuned one most problems (85-100% over the seeds tried, see
+# quickstart.TASKS). The test asks for a gap that any working training clears and no broken one does.
+MIN_GAP = 0.5
+
+
+@pytest.mark.slow
+def test_trained_model_is_far_above_untrained(quickstart_out):
+    s = quickstart_out["summary"]
+    base, tuned = s["accuracy"]["base"], s["accuracy"]["tuned"]
+    print(f"quickstart: base {base:.0%}, tuned {tuned:.0%}, {quickstart_out['time_s']:.0f}s, timings {s['timings_s']}")
+    assert tuned - base >= MIN_GAP, f"tuned {tuned:.0%} vs base {base:.0%}: training did not learn the task"
+    # the accuracies are the graded samples', not a number made up beside them
+    samples = [json.loads(x) for x in (quickstart_out["out"] / "eval" / "tuned.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == s["eval_problems"]
+    assert sum(x["correct"] for x in samples) / len(samples) == pytest.approx(tuned)
+
+
+@pytest.mark.slow
+def test_every_artifact_is_written_where_the_output_says(quickstart_out):
+    out, s = quickstart_out["out"], quickstart_out["summary"]
+    for key, path in s["paths"].items():
+        assert Path(path).exists(), key
+    for name in ("report.md", "report.html", "report.json", "loss.png", "lr.png", "grad_norm.png",
+                 "tokens_per_s.png", "accuracy.png", "validation.png"):
+        assert (out / "report" / name).is_file(), name
+    for name in ("train.parquet", "val.parquet", "manifest.json", "validation.json"):
+        assert (out / "data" / name).is_file(), name
+    assert (out / "tuned" / "checkpoint-final" / "config.json").is_file()
+    assert (out / "tuned" / "data_validation.json").is_file()
+    # the final table names every path and both accuracies
+    for path in s["paths"].values():
+        assert path in quickstart_out["stdout"]
+    assert f"{100 * s['accuracy']['tuned']:.0f}%" in quickstart_out["stdout"]
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6  # five figures + the validation histogram, inlined
+
+
+@pytest.mark.slow
+def test_artifacts_follow_docs_formats(quickstart_out):
+    out = quickstart_out["out"]
+    results = json.loads((out / "eval" / "tuned.json").read_text())
+    assert set(results) >= {"model", "tasks", "decoding", "prompt_format", "seed", "time_s", "created"}
+    task = results["tasks"]["arithmetic"]
+    assert set(task) >= {"accuracy", "correct", "total", "by_stage"}
+    sample = json.loads((out / "eval" / "tuned.samples.jsonl").read_text().splitlines()[0])
+    assert set(sample) >= {"task", "id", "question", "prompt", "response", "answer", "extracted", "correct", "stage"}
+    cmp = json.loads((out / "compare.json").read_text())
+    assert set(cmp) >= {"base", "tuned", "decoding", "rows", "summary"}
+    assert set(cmp["rows"][0]) >= {"prompt", "answer", "base", "tuned", "base_correct", "tuned_correct"}
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["rows"]["train"] + manifest["rows"]["val"] == manifest["rows"]["input"]
+    metrics = [json.loads(x) for x in (out / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, quickstart_out["summary"]["steps"] + 1))
+    assert any("val_loss" in m for m in metrics)
+
+
+@pytest.mark.slow
+def test_eval_problems_are_held_out(quickstart_out):
+    out = quickstart_out["out"]
+    seen = set()
+    for split in ("train", "val"):
+        for row in pq.read_table(out / "data" / f"{split}.parquet").to_pylist():
+            seen.add(row["prompt"][-1]["content"])
+    asked = {json.loads(x)["prompt"] for x in (out / "eval" / "tuned.samples.jsonl").read_text().splitlines()}
+    assert asked and not asked & seen
+
+
+def test_unique_rows_are_distinct_and_seeded():
+    a = Q.unique_rows("arithmetic", 500, 3, {"op": "add", "digits": 2})
+    assert len({r["prompt"] for r in a}) == 500
+    assert a == Q.unique_rows("arithmetic", 500, 3, {"op": "add", "digits": 2})
+    assert a != Q.unique_rows("arithmetic", 500, 4, {"op": "add", "digits": 2})
+    with pytest.raises(ValueError, match="fewer than"):
+        Q.unique_rows("arithmetic", 10_000, 0, {"op": "add", "digits": 1})  # only 64 one-digit sums
+
+
+def test_thread_choice(monkeypatch):
+    assert Q.cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert Q.cpu_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(Q.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert Q.cpu_threads() == len(Q.os.sched_getaffinity(0))
+    monkeypatch.setattr(Q.os, "getloadavg", lambda: (1000.0, 0.0, 0.0))
+    assert Q.cpu_threads() == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "chess"], "unknown --task 'chess'"),
+    (["--steps", "0"], "--steps must be a positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_user_mistakes_are_one_error_line(argv, message, capsys, tmp_path):
+    assert cli_main(["quickstart", "--out", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "q").exists()  # refused before writing anything

@@ -1,0 +1,173 @@
+"""`dreamtune report` on a small run directory written here: the figures plot exactly the series in the
+files (checked on the matplotlib artists and in report.json), the HTML is self-contained, optional
+inputs are skipped with a note, and missing required inputs are one error line.
+
+    pytest tests/test_report.py      # a few seconds
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dreamtune import report as R
+from dreamtune.cli import main as cli_main
+
+STEPS = list(range(1, 41))
+LOSS = [5.0 / s + 0.01 * (s % 3) for s in STEPS]
+LR = [1e-3 * min(1.0, s / 5) for s in STEPS]
+GRAD = [1.0 + 0.1 * (s % 4) for s in STEPS]
+TOKS = [1000.0 + 10 * s for s in STEPS]
+VAL_STEPS = [10, 20, 30, 40]
+VAL = [1.5, 0.9, 0.7, 0.6]
+
+
+def write_run(d: Path) -> Path:
+    d.mkdir(parents=True)
+    lines = []
+    for s, loss, lr, g, t in zip(STEPS, LOSS, LR, GRAD, TOKS):
+        lines.append({"step": s, "epoch": s / 40, "loss": loss, "lr": lr, "grad_norm": g, "tokens": 100,
+                      "tokens_per_s": t, "masked_tokens": 40, "time_s": s * 0.1})
+        if s in VAL_STEPS:
+            lines.append({"step": s, "val_loss": VAL[VAL_STEPS.index(s)], "time_s": s * 0.1})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 41, "lo')  # cut short
+    (d / "config.yaml").write_text("optim:\n  lr: 0.001\ntrainer:\n  total_training_steps: 40\n")
+    return d
+
+
+def write_eval(path: Path, model: str, accs: dict[str, float]) -> Path:
+    path.write_text(json.dumps({
+        "model": model, "tasks": {t: {"accuracy": a, "correct": int(a * 10), "total": 10, "by_stage": {}} for t, a in accs.items()},
+        "decoding": {"alg": "entropy", "steps": 64, "max_new_tokens": 64, "temperature": 0.0},
+        "prompt_format": "chat", "seed": 0, "time_s": 1.0, "created": "2026-11-29T00:00:00+00:00"}))
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    run = write_run(tmp_path / "run")
+    base = write_eval(tmp_path / "base.json", "/models/base", {"gsm8k": 0.2, "math500": 0.1})
+    tuned = write_eval(tmp_path / "tuned.json", str(run / "checkpoint-final"), {"gsm8k": 0.5, "math500": 0.3})
+    cmp = tmp_path / "compare.json"
+    cmp.write_text(json.dumps({"base": "/models/base", "tuned": str(run / "checkpoint-final"), "decoding": {"alg": "entropy"},
+                               "rows": [{"prompt": "2+2=? | sure", "answer": "4", "base": "5", "tuned": "4\nAnswer: 4",
+                                         "base_correct": False, "tuned_correct": True},
+                                        {"prompt": [{"role": "user", "content": "3*3=?"}], "answer": "9", "base": "9",
+                                         "tuned": "9", "base_correct": True, "tuned_correct": True}],
+                               "summary": {"base_accuracy": 0.5, "tuned_accuracy": 1.0}}))
+    val = tmp_path / "data" / "validation.json"
+    val.parent.mkdir()
+    stats = {"min": 10, "median": 20.0, "mean": 21.5, "p90": 30.0, "p99": 33.0, "max": 35}
+    val.write_text(json.dumps({"tokenizer": "tok", "max_length": 32, "rows": 100, "prompt": stats, "response": stats,
+                               "total": stats, "over_max_length": 3, "answer_lost_right_truncation": 2,
+                               "policies": {"error": {"run_stops": True}, "drop": {"rows_kept": 97, "rows_dropped": 3}}}))
+    return {"run": run, "evals": [base, tuned], "compare": cmp, "validation": val, "tmp": tmp_path}
+
+
+def _line(fig, label):
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == label]
+    assert len(lines) == 1, f"no single line labelled {label!r}: {[ln.get_label() for ax in fig.axes for ln in ax.get_lines()]}"
+    return lines[0]
+
+
+def test_figures_plot_the_series_of_the_files(inputs):
+    metrics = R.read_metrics(inputs["run"])
+    evals = R.read_evals([str(p) for p in inputs["evals"]], [])
+    figs = R.build_figures(metrics, evals)
+    assert set(figs) == {"loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "accuracy.png"}
+
+    train = _line(figs["loss.png"], "train loss")
+    assert list(train.get_xdata()) == STEPS and list(train.get_ydata()) == pytest.approx(LOSS)
+    val = _line(figs["loss.png"], "validation loss")
+    assert list(val.get_xdata()) == VAL_STEPS and list(val.get_ydata()) == pytest.approx(VAL)
+    smooth = _line(figs["loss.png"], f"train loss (mean of {R.SMOOTH})")
+    assert smooth.get_ydata()[-1] == pytest.approx(sum(LOSS[-R.SMOOTH:]) / R.SMOOTH)
+    for name, key, series in (("lr.png", "lr", LR), ("grad_norm.png", "grad_norm", GRAD), ("tokens_per_s.png", "tokens_per_s", TOKS)):
+        line = _line(figs[name], key)
+        assert list(line.get_xdata()) == STEPS and list(line.get_ydata()) == pytest.approx(series)
+
+    # accuracy: one bar group per model, one bar per task (sorted), heights in percent
+    ax = figs["accuracy.png"].axes[0]
+    heights = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+    assert heights == {"base": pytest.approx([20.0, 10.0]), "run": pytest.approx([50.0, 30.0])}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["gsm8k", "math500"]
+
+
+def test_report_files_carry_the_series_and_are_self_contained(inputs, capsys):
+    out = inputs["tmp"] / "report"
+    argv = ["report", str(inputs["run"]), "--compare", str(inputs["compare"]), "--validation", str(inputs["validation"]),
+            "--out", str(out)]
+    for e in inputs["evals"]:
+        argv += ["--eval", str(e)]
+    assert cli_main(argv) == 0
+    assert "report.html" in capsys.readouterr().out
+
+    data = json.loads((out / "report.json").read_text())
+    assert data["series"]["train"]["loss"] == pytest.approx(LOSS)
+    assert data["series"]["train"]["step"] == STEPS  # the cut-short last line is skipped
+    assert data["series"]["val"] == {"step": VAL_STEPS, "val_loss": pytest.approx(VAL)}
+    assert data["series"]["accuracy"] == {"base": {"gsm8k": 0.2, "math500": 0.1}, "run": {"gsm8k": 0.5, "math500": 0.3}}
+
+    md = (out / "report.md").read_text()
+    for png in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "accuracy.png"):
+        assert f"]({png})" in md
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| run | gsm8k | 50.0% | 5/10 |" in md
+    assert "2+2=? \\| sure" in md  # a | inside a cell is escaped
+    assert "4<br>Answer: 4" in md
+    assert "over max_length" in md and "| total | 10 | 20 | 21.5 | 30 | 33 | 35 |" in md
+
+    html = (out / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing outside the file
+    assert "3*3=?" in html and "&lt;" not in md
+
+
+def test_missing_optional_inputs_are_noted_not_fatal(inputs, capsys):
+    out = inputs["tmp"] / "r2"
+    assert cli_main(["report", str(inputs["run"]), "--eval", str(inputs["tmp"] / "nope.json"), "--out", str(out)]) == 0
+    assert "not found: skipped" in capsys.readouterr().err
+    md = (out / "report.md").read_text()
+    assert "nope.json not found: skipped" in md
+    assert "No comparison given" in md and "No data validation report" in md
+    assert not (out / "accuracy.png").exists()
+
+
+def test_default_out_and_validation_from_the_run(inputs):
+    (inputs["run"] / "data_validation.json").write_text(inputs["validation"].read_text())
+    assert cli_main(["report", str(inputs["run"])]) == 0
+    assert "3 rows over max_length" in (inputs["run"] / "report" / "report.md").read_text()
+    assert cli_main(["report", str(inputs["run"])]) == 0  # a second report replaces the first
+
+
+@pytest.mark.parametrize("case, message", [("no_dir", "does not exist"), ("no_metrics", "metrics.jsonl not found"),
+                                           ("empty", "holds no training steps"), ("bad_out", "not a report directory")])
+def test_required_inputs_are_one_error_line(case, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["report", str(run)]
+    if case != "no_dir":
+        run.mkdir()
+    if case == "empty":
+        (run / "metrics.jsonl").write_text("")
+    if case == "bad_out":
+        write_run(tmp_path / "real")
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "keep.txt").write_text("x")
+        argv = ["report", str(tmp_path / "real"), "--out", str(tmp_path / "other")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    if case == "bad_out":
+        assert (tmp_path / "other" / "keep.txt").exists()
+
+
+def test_leaves_are_not_imported_by_the_package():
+    pkg = Path(R.__file__).parent
+    pattern = re.compile(r"^\s*(from\s+dreamtune(\.report|\.demo)\s+import|import\s+dreamtune\.(report|demo)|from\s+dreamtune\s+import\s+.*\b(report|demo)\b)", re.M)
+    offenders = [str(p) for p in pkg.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
