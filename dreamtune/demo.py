@@ -6,8 +6,8 @@
 
 The page (Gradio) has a prompt box, the sampler's settings (algorithm, steps, max new tokens,
 temperature, the fast sampler's confidence threshold, seed) and a Run button. The answer canvas is shown
-after every denoising step, masked positions as `░`, so you watch them fill in; the status line gives
-the step and the time the generation took.
+live, at every denoising step, masked positions as `░`, so you watch them fill in; the status line
+gives the step and the time taken.
 
 It binds 127.0.0.1 unless --host says otherwise. Prompts that do not fit the model's context
 (max_position_embeddings minus max new tokens) are refused with a message on the page. Concurrent users
@@ -18,15 +18,19 @@ passes take turns, behind a lock. A leaf: nothing in dreamtune imports it.
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
 import threading
 import time
 
 MASK_GLYPH = "░"
+# Requests that pass no lock of their own take turns on this one: a request's forward hook must only
+# ever see its own generation.
+_MODEL_LOCK = threading.Lock()
 ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast")
-# Upper bound on how long the replay of a finished generation's steps takes on the page: the canvases
-# are the real ones, but a tiny model on a CPU finishes faster than an eye can follow.
-REPLAY_SECONDS = 1.5
+# The shortest time the steps of one answer take on the page: a tiny model on a CPU finishes its steps
+# faster than an eye (or a browser's redraw) can follow. A large model is slower than this anyway.
+MIN_SECONDS = 1.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,12 +87,15 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 32, max_new_tokens: int = 32,
                    temperature: float = 0.0, threshold: float = 0.9, seed: int = 0, chat: bool = True,
-                   lock: threading.Lock | None = None, replay_seconds: float = 0.0):
-    """Yield (canvas text, status) after every denoising step of one request, then the final answer.
+                   lock: threading.Lock | None = None, min_seconds: float = 0.0):
+    """Yield (canvas text, status) while one request is denoised, then (final answer, "done: ...").
 
-    Pure with respect to the caller: the request's generator, canvas and history are its own; `lock`
-    (shared by a server's requests) only serialises the model's forward passes. A prompt that does not
-    fit the context, or a bad setting, yields one message and stops."""
+    The canvases are the real ones, live: the generation runs in a worker thread, and a forward pre-hook
+    on the model's decoder hands each canvas the model is about to read (every step's start) to this
+    request's queue. The hook exists only while this request holds `lock`, which a server's requests
+    share so that only one generation uses the model at a time; the request's generator, canvas, queue
+    and results are its own. `min_seconds` spreads the frames over at least that long, so a tiny model's
+    steps can be watched. A prompt that does not fit the context, or a bad setting, yields one message."""
     import torch
 
     from dreamtune.sampling import generate
@@ -105,52 +112,68 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
                    f"({lm.config.max_position_embeddings} tokens) minus {max_new_tokens} new tokens leaves room "
                    f"for {max(limit, 0)}. Shorten the prompt or lower max new tokens.")
         return
+    p, width = len(ids), len(ids) + max_new_tokens
     input_ids = torch.tensor([ids], dtype=torch.long, device=lm.device)  # [1, P]
     generator = torch.Generator(device=lm.device.type).manual_seed(seed)
-    mask_id = lm.mask_token_id
+    frames: queue.Queue = queue.Queue()  # answer-region token lists, then None when the worker ends
+    result: dict = {}
+
+    def on_forward(module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is not None and x.shape[-1] == width:  # the fast sampler's cached steps see a window: skipped
+            frames.put(x[0, p:].tolist())
+
+    def work():
+        try:
+            with lock if lock is not None else _MODEL_LOCK:
+                handle = lm.model.get_decoder().register_forward_pre_hook(on_forward, with_kwargs=True)
+                try:
+                    t0 = time.time()
+                    result["out"] = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
+                                             temperature=float(temperature), threshold=float(threshold),
+                                             generator=generator)
+                    result["time_s"] = time.time() - t0
+                finally:
+                    handle.remove()
+        except Exception as e:  # handed to the request's own generator below
+            result["error"] = e
+        finally:
+            frames.put(None)
+
+    t_start = time.time()
     yield MASK_GLYPH * max_new_tokens, f"denoising {max_new_tokens} tokens..."
-    t0 = time.time()
-    try:
-        with lock if lock is not None else _nolock():
-            out = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
-                           temperature=float(temperature), threshold=float(threshold), generator=generator,
-                           return_history=True)
-    except ValueError as e:  # a bad setting: say so on the page
-        yield "", f"Not run: {e}"
-        return
-    took = time.time() - t0
-    history = out.history or [out.sequences.cpu()]
-    p = len(ids)
-    pause = min(0.1, replay_seconds / max(len(history), 1)) if replay_seconds else 0.0
-    for i, canvas in enumerate(history, 1):
-        text = render_canvas(lm.tokenizer, canvas[0, p:].tolist(), mask_id)
-        yield text, f"step {i}/{len(history)} ({out.nfe} forward passes, {took:.2f} s)"
+    threading.Thread(target=work, name="dreamtune-demo-generate", daemon=True).start()
+    pause = min_seconds / max(steps, 1) if min_seconds else 0.0
+    n = 0
+    while (tokens := frames.get()) is not None:
+        n += 1
+        yield render_canvas(lm.tokenizer, tokens, lm.mask_token_id), f"step {n}, {time.time() - t_start:.2f} s"
         if pause:
             time.sleep(pause)
+    if "error" in result:
+        if isinstance(result["error"], ValueError):  # a bad setting: say so on the page
+            yield "", f"Not run: {result['error']}"
+            return
+        raise result["error"]
+    out = result["out"]
     answer = final_text(lm.tokenizer, out.sequences[0, p:].tolist())
-    yield answer, f"done: {len(history)} steps, {out.nfe} forward passes, {took:.2f} s"
+    yield answer, f"done: {out.nfe} forward passes, {result['time_s']:.2f} s"
 
 
-class _nolock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def build_app(lm, title: str = "dreamtune demo", replay_seconds: float = REPLAY_SECONDS):
-    """The Gradio Blocks page for one loaded model."""
+def build_app(lm, title: str = "dreamtune demo", min_seconds: float = MIN_SECONDS, max_new_tokens: int | None = None,
+              steps: int | None = None):
+    """The Gradio Blocks page for one loaded model; max_new_tokens and steps are the sliders' first values."""
     import gradio as gr
 
     lock = threading.Lock()  # the model's forward passes take turns; nothing else is shared
     ctx = int(getattr(lm.config, "max_position_embeddings", 2048))
-    default_new = min(64, max(1, ctx // 4))
+    default_new = max_new_tokens or min(64, max(1, ctx // 4))
+    default_steps = steps or default_new
 
     def run(prompt, alg, steps, max_new_tokens, temperature, threshold, seed, chat):
         yield from denoise_stream(lm, prompt, alg=alg, steps=steps, max_new_tokens=max_new_tokens,
                                   temperature=temperature, threshold=threshold, seed=seed, chat=chat, lock=lock,
-                                  replay_seconds=replay_seconds)
+                                  min_seconds=min_seconds)
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\nModel: `{lm.source}` (context {ctx} tokens). The answer is denoised step by step; "
@@ -164,7 +187,7 @@ def build_app(lm, title: str = "dreamtune demo", replay_seconds: float = REPLAY_
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=2):
                 alg = gr.Dropdown(list(ALGS), value="maskgit_plus", label="Algorithm", elem_id="alg")
-                steps = gr.Slider(1, 512, value=default_new, step=1, label="Steps (Dream's algorithms)", elem_id="steps")
+                steps = gr.Slider(1, max(512, default_steps), value=default_steps, step=1, label="Steps (Dream's algorithms)", elem_id="steps")
                 max_new = gr.Slider(1, max(1, ctx - 1), value=default_new, step=1, label="Max new tokens", elem_id="max_new")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 threshold = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Confidence threshold (fast sampler)")
@@ -197,11 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="the page's first value (default 64): use the canvas the model was trained to fill")
+    p.add_argument("--steps", type=int, default=None, help="the page's first value (default: max new tokens)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1-65535, got {args.port}")
+    for name in ("max_new_tokens", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     lm = load_model(args.model)
-    app = build_app(lm)
+    if args.max_new_tokens is not None and context_limit(lm, args.max_new_tokens) < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"({lm.config.max_position_embeddings} tokens)")
+    app = build_app(lm, max_new_tokens=args.max_new_tokens, steps=args.steps)
     print(f"dreamtune demo: {args.model} on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, quiet=True,
                footer_links=[])

@@ -315,6 +315,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
                   "eval_base": str(eval_dir / "base.json"), "eval_tuned": str(eval_dir / "tuned.json"),
                   "compare": str(root / "compare.json"), "report_md": str(report_dir / "report.md"),
                   "report_html": str(report_dir / "report.html")},
+        "decoding": decoding,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
         "created": _now(),
@@ -350,8 +351,9 @@ def _table(summary: dict) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     run = p["run"]
     lines += ["next:", f"  open {p['report_html']}",
-              f"  dreamtune demo --model {p['tuned_model']}",
-              f"  DREAMTUNE_RUN={run} jupyter lab notebooks/analyze_results.ipynb"]
+              f"  dreamtune demo --model {p['tuned_model']} --max-new-tokens {summary['decoding']['max_new_tokens']}",
+              f"  DREAMTUNE_DATA={p['data']} jupyter lab notebooks/explore_data.ipynb",
+              f"  DREAMTUNE_RUN={run} DREAMTUNE_EVAL={Path(p['eval_tuned']).parent} jupyter lab notebooks/analyze_results.ipynb"]
     return "\n".join(lines)
 
 
