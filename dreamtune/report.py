@@ -182,7 +182,10 @@ def build_figures(metrics: dict, evals: list[dict]) -> dict:
         if va["step"]:
             ax.plot(va["step"], va["val_loss"], color="tab:orange", marker="o", label="validation loss")
         if all(v > 0 for v in tr["loss"] + va["val_loss"]):
-            ax.set_yscale("log")
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log")  # a loss falls by orders of magnitude; plain numbers on the axis, not 10^x
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.legend()
         figs["loss.png"] = fig
     for key, title, ylabel in (("lr", "learning rate", "lr"), ("grad_norm", "gradient norm (before clipping)", "norm"),

@@ -114,3 +114,16 @@ def test_user_mistakes_are_one_error_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "q").exists()  # refused before writing anything
+
+
+@pytest.mark.slow
+def test_same_seed_same_run(tmp_path):
+    """Data, training and answers repeat exactly for a seed (a short run: 2 steps; same thread count)."""
+    def run(name):
+        s = Q.run(str(tmp_path / name), steps=2, seed=5, threads=1, quiet=True)
+        out = Path(s["paths"]["run"]).parent
+        losses = [json.loads(x).get("loss") for x in (out / "tuned" / "metrics.jsonl").read_text().splitlines()]
+        answers = (out / "eval" / "tuned.samples.jsonl").read_text().replace(str(out), "")
+        return pq.read_table(out / "data" / "train.parquet").to_pylist(), losses, answers
+
+    assert run("a") == run("b")
