@@ -251,7 +251,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
         f"{s['opts']} -> {data_dir}")
     # The tokenizer object as the trainer loads it (dreamtune.models.load_tokenizer): AutoTokenizer alone
     # would give this directory Qwen2's tokenizer class, whose pre-tokenizer splits text differently.
-    report = validate(str(data_dir), load_tokenizer(base_dir), max_length)
+    report = validate(str(data_dir), load_tokenizer(base_dir), max_length, out=str(data_dir / "validation.json"))
     if not quiet:
         print_summary(report)
     if report["over_max_length"]:  # the lengths were measured on the same rows: this is a bug, not user error

@@ -341,7 +341,7 @@ def render_markdown(doc: list[tuple]) -> str:
 
 
 def _mark(correct) -> str:
-    return "" if correct is None else ("✅ " if correct else "❌ ")
+    return "" if correct is None else ("✓ " if correct else "✗ ")
 
 
 def _prompt_text(prompt) -> str:
