@@ -46,12 +46,13 @@ class _WeightedLinearCE(torch.autograd.Function):
         f, df = _focal_value_and_slope(ce, focal)
         ctx.save_for_backward(h, weight, targets, coef * df)
         ctx.chunk = chunk
+        ctx.dtype = dt  # backward runs outside autocast: keep the forward's matmul dtype (bf16, not fp32)
         return (f * coef).sum(), ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
         h, weight, targets, slope = ctx.saved_tensors
-        dt = _matmul_dtype(h)
+        dt = ctx.dtype
         w = weight.to(dt)
         dh = torch.empty_like(h)
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
