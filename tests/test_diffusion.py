@@ -159,14 +159,23 @@ def test_fused_head_loss_matches_logits_path(focal):
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 300, bias=False)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
+    from dreamtune.fused_ce import weighted_linear_ce  # the trained-head gradient too, called directly
+    fl, _ = weighted_linear_ce(h, head.weight, torch.zeros(50, dtype=torch.long), torch.ones(50))
+    fl.backward()
+    assert head.weight.grad is not None
+    h.grad = None
+    head.weight.grad = None
     targets = torch.randint(300, (50,), generator=g)
     w = torch.rand(50, generator=g) * 3
-    loss, ce = head_loss(head, h, targets, w, focal=focal)
+    loss, ce = weighted_linear_ce(h, head.weight, targets, w, focal=(0.25, 2.0) if focal else None)
     loss.backward()
     gh, gw = h.grad.clone(), head.weight.grad.clone()
     h.grad = None
     head.weight.grad = None
     ref, ref_ce = diffusion_loss(head(h), targets, w, focal=focal)
     ref.backward()
-    assert torch.allclose(loss, ref, rtol=1e-5) and torch.allclose(ce, ref_ce, rtol=1e-5)
+    assert torch.allclose(loss, ref, rtol=1e-5) and torch.allclose(ce.mean(), ref_ce, rtol=1e-5)
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
+    head.weight.requires_grad_(False)  # frozen (LoRA): head_loss takes the fused path, same value
+    fused, _ = head_loss(head, h.detach(), targets, w, focal=focal)
+    assert torch.allclose(fused, ref.detach(), rtol=1e-5)
