@@ -15,7 +15,7 @@ $(BIN)/dreamtune: pyproject.toml
 install: $(BIN)/dreamtune
 
 quickstart: install
-	$(BIN)/dreamtune quickstart --out outputs/quickstart
+	$(BIN)/dreamtune quickstart --out runs/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -123,7 +123,7 @@ class TrainerConfig:
     save_checkpoint_steps: int = 1000
     keep_last: int = 2  # resumable checkpoints kept
     val_check_steps: int = 50  # validation cadence in optimizer steps (0 = only at the end)
-    log_steps: int = 1
+    log_steps: int = 0  # console/train.log line every N steps (0: about 100 lines a run); metrics.jsonl gets every step
     export_dream: bool = False  # also write checkpoint-final-dream in Dream's format
     device: str = "auto"  # auto | cpu | cuda
     max_steps_this_run: Optional[int] = None  # stop (after saving) once this many steps ran in this process

@@ -142,8 +142,10 @@ def length_stats(x) -> dict:
 
 
 def load_tokenizer(name: str):
-    """AutoTokenizer from a directory or hub id, with one clear error when it cannot be had."""
+    """The tokenizer of a directory or hub id, read exactly as training reads it
+    (dreamtune.models.load_tokenizer), with one clear error when it cannot be had."""
     from dreamtune.data import _looks_like_path, hub_offline_if_unreachable
+    from dreamtune.models import load_tokenizer as model_tokenizer
 
     path = Path(name).expanduser()
     if not path.exists() and _looks_like_path(name):
@@ -152,7 +154,12 @@ def load_tokenizer(name: str):
 
     with hub_offline_if_unreachable() as offline:
         try:
-            return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+            if path.is_dir():
+                tok = model_tokenizer(path)
+                if tok is None:
+                    raise ValueError("no tokenizer files in the directory")
+                return tok
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             first = "the Hub cannot be reached (offline?) and it is not in the local cache" if offline else first

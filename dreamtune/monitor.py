@@ -48,6 +48,7 @@ class Monitor:
         self.tb = self.wandb = self.bar = None
         self.t0 = time.time()
         self.start_step = start_step
+        self.every = cfg.trainer.log_steps if cfg.trainer.log_steps > 0 else max(1, total_steps // 100)
         if not is_main:
             return
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
@@ -103,14 +104,14 @@ class Monitor:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log({("val/loss" if k == "val_loss" else f"train/{k}"): v for k, v in scalars.items()}, step=step)
-        if "loss" in row:
+        if "loss" in row and self.bar is not None:  # the live bar (a terminal only): every step
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.2e}",
+                                 tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=True)
+        if "loss" in row and (step % self.every == 0 or step in (1, self.total)):
             eta = self._eta(step)
             line = (f"step {step}/{self.total} | loss {row['loss']:.4f} | lr {row.get('lr', 0):.3g} | "
                     f"grad {row.get('grad_norm', float('nan')):.3g} | {row.get('tokens_per_s', 0):,.0f} tok/s | eta {eta}")
-            if self.bar is not None:
-                self.bar.n = step
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.2e}",
-                                     tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=True)
             # the progress bar is for a terminal; the log lines are for train.log and captured consoles
             for h in LOG.handlers:
                 if isinstance(h, logging.FileHandler) or self.bar is None or self.bar.disable:
