@@ -599,8 +599,11 @@ def run(a) -> int:
     t0 = time.time()
     lm = tiny_lm(alphabet=alphabet(a.task) + ROLE_CHARS, hidden_size=a.hidden, layers=a.layers, heads=a.heads,
                  kv_heads=a.kv_heads, intermediate_size=a.intermediate, max_positions=512, seed=a.seed)
-    tok = lm.tokenizer
     base_dir = save_hf(lm, work / "base", dtype=torch.float32)
+    # Lengths are measured with the tokenizer as the trainer will load it from the saved directory
+    from dreamtune.models import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
     n_params = sum(p.numel() for p in lm.model.parameters())
     # Lengths: one token per character, so the longest rows by characters are the longest in tokens; the
     # trainer raises if any row is longer than data.max_length, so this is checked, not assumed.
