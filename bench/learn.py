@@ -139,27 +139,9 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(table, path)
 
 
-def encode_prompts(tokenizer, prompts: list[str]):
-    """Left-padded prompt ids [B, P] and attention mask [B, P], rendered exactly as training renders them."""
-    import torch
+# Prompts are encoded and answers decoded exactly as the quickstart does it.
+from dreamtune.quickstart import decode_answer as decode_response, encode_prompts  # noqa: E402
 
-    from dreamtune.data import encode_example
-
-    ids = [encode_example(tokenizer, p, "")[0] for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
-    return input_ids, mask
-
-
-def decode_response(tokenizer, tokens) -> str:
-    """The generated text up to the first eos (what the grader reads)."""
-    tokens = list(tokens)
-    eos = tokenizer.eos_token_id
-    if eos in tokens:
-        tokens = tokens[:tokens.index(eos)]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------- eval

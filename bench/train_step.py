@@ -172,7 +172,7 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
     except torch.cuda.OutOfMemoryError:
         res = {"variant": name, "shape": f"{B}x{L}", "params": n, "error": "out of memory",
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del model, opt, params, lm, batch
+    # the model, optimizer and batch go with this frame (the caller empties the CUDA cache)
     return res
 
 

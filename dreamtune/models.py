@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dreamtune.atomic import replace_dir
+
 MASK_TOKEN = "<|mask|>"
 META_FILE = "dreamtune.json"
 # model_type -> how to treat it. Dream is Qwen2 under another name; the rest load through Auto classes.
@@ -291,17 +293,6 @@ def _atomic_dir(out: Path):
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing `out` is replaced only after `tmp` is whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (FSDP2 keeps the module itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -331,7 +322,7 @@ def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None 
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps({"mask_token_id": lm.mask_token_id, "shift": lm.shift}, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -23,11 +23,12 @@ import argparse
 import base64
 import html
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from dreamtune.atomic import replace_dir
 
 # Train-loss points are noisy (one micro-batch of random noise levels each): the figure adds a
 # moving average over this many steps so the trend is readable.
@@ -441,13 +442,7 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
                   "accuracy": {e["label"]: {t: r["accuracy"] for t, r in e["tasks"].items()} for e in eval_data}}
         (tmp / "report.json").write_text(json.dumps({"run": str(run_dir), "series": series, "figures": sorted(images),
                                                      "notes": notes, "config": config}, indent=1, default=str) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for note in notes:

@@ -3,7 +3,6 @@ script under torchrun (FSDP2 on gloo), equality of 2-process and 1-process runs,
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
