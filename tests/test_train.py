@@ -206,3 +206,19 @@ def test_oom_message_gives_the_plan_and_the_remedies():
     for remedy in ["micro_batch_size_per_gpu=1", "enable_gradient_checkpointing=True", "max_length=1024",
                    "lora_rank=16", "cpu_offload=True"]:
         assert remedy in msg
+
+
+@pytest.mark.distributed
+def test_fsdp_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path):
+    """Two FSDP2 ranks: stop after 3 of 6 steps (sharded DCP checkpoint), resume; the losses match a run
+    that never stopped."""
+    extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3"]
+    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra), tmp_path)
+    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra, "trainer.max_steps_this_run=3"), tmp_path)
+    assert (tmp_path / "parts" / "latest").read_text() == "checkpoint-3"
+    assert not (tmp_path / "parts" / "checkpoint-final").exists()
+    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra, "trainer.resume_training=true"), tmp_path)
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
