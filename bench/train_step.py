@@ -16,6 +16,9 @@ memory. Variants:
   full-ac2  the same, checkpointing every other layer (less recomputation, more memory).
   full-compile  `full` with each decoder layer torch.compiled.
   full-fast  compiled layers and checkpointing every other layer.
+  full-fsdp1  full-fast under FSDP2 on a group of one (bf16 weights gathered once per step, no autocast);
+            what `torchrun --nproc_per_node=1 -m dreamtune.train ... model.fsdp_config.reshard_after_forward=false`
+            runs. Not measured yet (added after the device time of 2026-11-29 was spent).
   lora      peft LoRA r16 on all linear layers, bf16 frozen base, checkpointing: dreamtune's LoRA step.
   packing   useful (non-pad) tokens/s, packed rows (flex_attention, document block mask) vs rows padded to
             max_length (Dream's default), over a spread of lengths like s1K questions + solutions.
@@ -74,7 +77,7 @@ def build(shape: dict, device, dtype=torch.float32, attn="sdpa"):
             else:
                 p.normal_(0, 0.02, generator=g)
         # the rotary module's inv_freq buffer was left empty by to_empty: build it again
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config, device=device)
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
     return model.to(dtype)
 
 
@@ -138,13 +141,25 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    D.apply_activation_checkpointing(model, 2 if name in ("full-ac2", "full-fast") else 1)
-    if name in ("full-compile", "full-fast"):
+    D.apply_activation_checkpointing(model, 2 if name in ("full-ac2", "full-fast", "full-fsdp1") else 1)
+    if name in ("full-compile", "full-fast", "full-fsdp1"):
         D.apply_compile(model)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if name == "full-fsdp1":
+        # FSDP2 on a group of one: the bf16 copy of the weights is made once per forward by the (trivial)
+        # all-gather and kept for the backward (no reshard), instead of autocast casting on every pass
+        # and again in the recompute (~18% of the step in bench/results/profile_full_2x2048.txt).
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29533")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        D.apply_fsdp(model, torch.bfloat16 if device.type == "cuda" else None, reshard_after_forward=False)
+        ctx = torch.autocast("cpu", enabled=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=device.type == "cuda")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     cfg = OmegaConf.structured(TrainConfig)
     lm = DiffusionLM(model=model, tokenizer=None, mask_token_id=MASK_ID % shape["vocab_size"], shift=True)
     g = torch.Generator(device=device).manual_seed(0)
@@ -249,7 +264,7 @@ def main() -> None:
     print(f"# {results['device']}, torch {torch.__version__}", flush=True)
     for B, L in shapes:
         for name in [v for v in only if v != "packing"]:
-            if name in ("full-compile", "full-fast") and device.type != "cuda":
+            if name in ("full-compile", "full-fast", "full-fsdp1") and device.type != "cuda":
                 continue
             if (B, L) == (1, 8192) and name in ("naive", "full-compile") and not a.tiny:
                 continue  # the 8k shape is measured for dreamtune's paths only, to keep the call short
