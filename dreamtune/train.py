@@ -176,6 +176,10 @@ def validate(lm, val_examples, cfg, pad_id: int, ctx, dev: D.Dist) -> float:
 def train(cfg) -> Path:
     dev = D.init(cfg.trainer.device)
     setup_logging(None, dev.is_main)
+    if (cfg.model.fsdp_config.cpu_offload or cfg.model.fsdp_config.offload_params) and not dev.enabled:
+        raise ValueError("model.fsdp_config.cpu_offload needs FSDP: launch with "
+                         "`torchrun --nproc_per_node=1 -m dreamtune.train ...` (or more processes)")
+
     run_dir = Path(cfg.trainer.default_local_dir)
 
     # 1. Model and tokenizer. Everything that can fail on user input fails before the run directory exists.

@@ -75,7 +75,10 @@ def test_lora_trains_only_adapters(tiny_model_dir, sft_data, tmp_path):
 
     run = tmp_path / "lora"
     assert cli(["train", *base_args(tiny_model_dir, sft_data, run, "trainer.total_epochs=2", "model.lora_rank=4",
-                                     "model.lora_alpha=8", "trainer.save_checkpoint_steps=5")]) == 0
+                                     "model.lora_alpha=8", "trainer.save_checkpoint_steps=5",
+                                     "trainer.export_dream=true")]) == 0
+    dream = json.loads((run / "checkpoint-final-dream" / "config.json").read_text())
+    assert dream["model_type"] == "Dream" and dream["architectures"] == ["DreamModel"]
     state = dcp_state(run / "checkpoint-12")
     assert state and all("lora_" in k for k in state), list(state)[:5]  # only adapters are stored
     before = load_file(tiny_model_dir / "model.safetensors")
@@ -159,6 +162,7 @@ def test_plan_script_runs_as_written(tiny_model_dir, sft_data, tmp_path):
     ("data.truncation=sideways", "data.truncation"),
     ("data.train_files=/nope/train.parquet", "/nope/train.parquet"),
     ("model.partial_pretrain=NOTAMODEL", "no config.json"),
+    ("model.fsdp_config.cpu_offload=true", "torchrun --nproc_per_node=1"),
 ])
 def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, fragment, capsys):
     if override.startswith("model.partial_pretrain"):
