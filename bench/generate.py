@@ -3,6 +3,7 @@
     python bench/generate.py                 # one GPU (an H200: about 5 minutes, bf16, sdpa)
     python bench/generate.py --tiny          # CPU smoke test: a tiny model, seconds
     OUT=/some/dir python bench/generate.py   # also writes $OUT/bench_generate.json
+    python bench/generate.py --compile       # decoder layers torch.compiled (each setting compiled, then timed)
 
 Times 256-token generation after a ~100-token prompt at batch 1 and 32:
 - dream: the user's plan's settings: alg entropy, steps = max_new_tokens = 256, temperature 0.2, top_p 0.95
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-length", type=int, default=None, help="fast sampler block (default 32; tiny 8)")
     ap.add_argument("--only", default=None, help="run only the settings whose name contains this text")
     ap.add_argument("--budget-s", type=float, default=400, help="skip the remaining runs once this much time has passed")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each decoder layer (fewer, fused kernels per forward: batch-1 steps are launch-bound)")
     args = ap.parse_args(argv)
 
     tiny = args.tiny
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     lm = build_lm(TINY if tiny else DREAM_7B, device, dtype)
+    if args.compile:
+        from dreamtune.distributed import apply_compile
+
+        apply_compile(lm.model)  # compiled on first use: the first row of each shape includes compilation
     sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in lm.model.parameters())
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{b:>5}  {name:<34} skipped: past --budget-s {args.budget_s:.0f}", flush=True)
                 result["rows"].append({"batch": b, "setting": name, "skipped": "budget"})
                 continue
+            if args.compile:  # compile this setting's shapes before timing it (a short run of the same canvas)
+                generate(lm, prompt, generator=torch.Generator(device=device).manual_seed(1),
+                         **{**kw, "steps": min(kw.get("steps") or 4, 4)} if not kw.get("alg") == "fast" else kw)
             sync(device)
             start = time.perf_counter()
             out = generate(lm, prompt, generator=torch.Generator(device=device).manual_seed(1), **kw)

@@ -53,7 +53,7 @@ def run_model(path, rows, args, decoding, chat: bool) -> tuple[list[str], float,
     """Responses of one model to every row, the seconds it took, and the rendered prompts."""
     import torch
 
-    lm = load_model(path, args.device, args.dtype)
+    lm = load_model(path, args.device, args.dtype, args.compile)
     system = None if args.task else args.system
     encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
     rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]

@@ -193,7 +193,7 @@ def run_shard(args, problems, decoding, cid, out, rank) -> None:
 
     from dreamtune import grading, tasks
 
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype, args.compile)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(out, rank)
     repair_tail(part)

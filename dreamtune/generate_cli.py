@@ -46,6 +46,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if visible (LOCAL_RANK's GPU under torchrun)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (GPU; pays off over many steps)")
 
 
 def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -107,7 +108,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto"):
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False):
     """A DiffusionLM ready to generate: on the device, in eval mode, with a tokenizer."""
     from dreamtune.models import load
 
@@ -117,6 +118,10 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     lm = load(path, dtype=dtype, device=dev)
     if lm.tokenizer is None:
         raise ValueError(f"'{path}' has no tokenizer files; generation needs them (copy the base model's tokenizer beside the weights)")
+    if compile:
+        from dreamtune.distributed import apply_compile
+
+        apply_compile(lm.model)
     return lm
 
 
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--input needs --output out.jsonl")
     decoding = decoding_settings(args)
     rows = read_prompt_rows(args.input) if args.input else [{"prompt": args.prompt}]
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype, args.compile)
     prompts = [encode_prompt(lm, r.get("prompt", r.get("messages")), args.chat, args.system) for r in rows]
 
     progress = None
