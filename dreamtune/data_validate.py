@@ -144,7 +144,7 @@ def length_stats(x) -> dict:
 def load_tokenizer(name: str):
     """The tokenizer of a directory or hub id, read exactly as training reads it
     (dreamtune.models.load_tokenizer), with one clear error when it cannot be had."""
-    from dreamtune.data import _looks_like_path, hub_offline_if_unreachable
+    from dreamtune.data_prepare import _looks_like_path, hub_offline_if_unreachable
     from dreamtune.models import load_tokenizer as model_tokenizer
 
     path = Path(name).expanduser()
@@ -266,7 +266,7 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
 def _write_report(out_path: Path, report: dict, prompt_len, response_len, total, max_length: int) -> None:
     import numpy as np
 
-    from dreamtune.data import write_file_atomically
+    from dreamtune.data_prepare import write_file_atomically
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ What it does, with the real pieces of dreamtune at every stage:
   1. builds a tiny Dream-architecture model (`dreamtune.tiny.tiny_lm`) over the task's characters and
      writes it as the untrained "base" model (`dreamtune.models.save_hf`);
   2. makes a synthetic dataset with worked solutions (`dreamtune.tasks.synthetic.make_rows`), prepares it
-     (`dreamtune.data.prepare`: train/val parquet + manifest) and validates it against the base model's
+     (`dreamtune.data_prepare.prepare`: train/val parquet + manifest) and validates it against the base model's
      tokenizer (`dreamtune.data_validate.validate`: validation.json + validation.png);
   3. trains with the real trainer (`dreamtune.train.train`);
   4. evaluates the base and the tuned model on held-out problems (never in the training data) with the
@@ -198,7 +198,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     import torch
 
     from dreamtune.config import load_config
-    from dreamtune.data import prepare
+    from dreamtune.data_prepare import prepare
     from dreamtune.data_validate import print_summary, validate
     from dreamtune.models import load_tokenizer, save_hf
     from dreamtune.tasks.synthetic import alphabet

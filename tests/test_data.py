@@ -18,10 +18,10 @@ from dreamtune.data import (
     DEFAULT_SYSTEM_PROMPT,
     encode_example,
     encode_examples,
-    prepare,
     read_rows,
     to_messages,
 )
+from dreamtune.data_prepare import prepare
 from dreamtune.data_validate import answer_span, validate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
