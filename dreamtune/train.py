@@ -187,8 +187,9 @@ def train(cfg) -> Path:
 
     if cfg.model.trust_remote_code:
         LOG.info("model.trust_remote_code=True is ignored: dreamtune loads Dream without remote code")
-    # Full fine-tuning keeps fp32 master weights (bf16 compute); LoRA's frozen base can live in bf16 on a GPU.
-    lora_bf16 = cfg.model.lora_rank > 0 and dev.device.type == "cuda" and cfg.model.dtype == "bf16"
+    # Full fine-tuning keeps fp32 master weights (bf16 compute). LoRA's frozen base can live in bf16 on one
+    # GPU; under FSDP it stays fp32 (sharded), so that each FSDP unit holds parameters of one dtype.
+    lora_bf16 = cfg.model.lora_rank > 0 and dev.device.type == "cuda" and cfg.model.dtype == "bf16" and not dev.enabled
     lm = load(cfg.model.partial_pretrain, dtype="bf16" if lora_bf16 else "fp32", attn_implementation=cfg.model.attn_implementation)
     if lm.tokenizer is None:
         raise ValueError(f"{cfg.model.partial_pretrain} has no tokenizer files; training needs one to render the data")
