@@ -31,7 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import DREAM7B, MASK_ID, TINY, make_rows  # noqa: E402
+from train_step import DREAM7B, MASK_ID, TINY, fill_random_, make_rows  # noqa: E402
 
 from dreamtune import distributed as D  # noqa: E402
 from dreamtune.batching import collate  # noqa: E402
@@ -55,12 +55,7 @@ def build_sharded(shape: dict, dev: torch.device, compute_dtype):
         for name, p in model.named_parameters():
             g = torch.Generator(device=dev).manual_seed(zlib.crc32(name.encode()))
             full = torch.empty(p.shape, device=dev)
-            if "norm" in name:
-                full.fill_(1.0)
-            elif name.endswith("bias"):
-                full.zero_()
-            else:
-                full.normal_(0, 0.02, generator=g)
+            fill_random_(name, full, g)
             if isinstance(p, DTensor):
                 p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
             else:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamtune.models import DiffusionLM  # noqa: E402
@@ -46,36 +47,13 @@ MASK_ID, EOS_ID = 151666, 151643  # Dream's ids (the tiny shape uses vocab-relat
 
 
 def build_lm(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DiffusionLM:
-    """A random, bidirectional Qwen2 of the given shape: meta -> to_empty -> init on the device."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """A random, bidirectional Qwen2 of the given shape (bench/train_step.py's build), in eval mode."""
+    from train_step import build
 
     vocab = shape["vocab_size"]
     mask_id, eos_id = (MASK_ID, EOS_ID) if vocab > MASK_ID else (vocab - 1, 0)
-    cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
-        intermediate_size=shape["intermediate_size"], max_position_embeddings=4096, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-        eos_token_id=eos_id, pad_token_id=eos_id,
-    )
-    cfg.is_causal = False
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        # to_empty left the rotary inverse frequencies (a non-persistent buffer) uninitialised: rebuild them
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(model.config).to(device)
-    model.config.is_causal = False
-    model.eval()
+    model = build({"max_position_embeddings": 4096, **shape}, device, dtype=dtype, seed=seed,
+                  eos_token_id=eos_id, pad_token_id=eos_id).eval()
     return DiffusionLM(model=model, tokenizer=None, mask_token_id=mask_id, shift=True, source="random")
 
 

@@ -56,29 +56,34 @@ TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key
 MASK_ID = 151666
 
 
-def build(shape: dict, device, dtype=torch.float32, attn="sdpa"):
-    """A random model of the given shape, allocated directly on the device."""
+def fill_random_(name: str, t: torch.Tensor, g: torch.Generator) -> None:
+    """The benchmarks' random initialisation of one parameter: norms 1, biases 0, the rest N(0, 0.02)."""
+    if "norm" in name:
+        t.fill_(1.0)
+    elif name.endswith("bias"):
+        t.zero_()
+    else:
+        t.normal_(0, 0.02, generator=g)
+
+
+def build(shape: dict, device, dtype=torch.float32, attn="sdpa", seed: int = 0, **config):
+    """A random model of the given shape, allocated directly on the device (meta -> to_empty -> init)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(**{k: v for k, v in shape.items() if k != "rope_theta"},
                       rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-                      tie_word_embeddings=False, attn_implementation=attn)
+                      tie_word_embeddings=False, attn_implementation=attn, **config)
     cfg.is_causal = False
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(cfg).to(dtype)  # cast on meta: the device never holds another copy
     model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=g)
+            fill_random_(name, p, g)
         # the rotary module's inv_freq buffer was left empty by to_empty: build it again
         model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
-    return model.to(dtype)
+    return model
 
 
 def n_params(model) -> int:

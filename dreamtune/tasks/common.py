@@ -6,22 +6,15 @@ Local files follow the `../shared/data/eval` layout: `<data_dir>/<name>/test.jso
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
+    """Rows of a local JSONL file, read as the data pipeline reads them (dreamtune.data.read_rows)."""
+    from dreamtune.data import read_rows
+
+    return read_rows(str(path))
 
 
 def local_file(name: str, data_dir: str | Path, split: str = "test") -> Path:
@@ -41,6 +34,16 @@ def local_file(name: str, data_dir: str | Path, split: str = "test") -> Path:
             f"(layout <data-dir>/<task>/{split}.jsonl, as in ../shared/data/eval)"
         )
     return path
+
+
+def source_rows(name: str, data_dir, hub: dict, split: str | None = None) -> tuple[list[dict], str]:
+    """(raw rows, where they came from): `<data_dir>/<name>/<split>.jsonl`, or the Hub when data_dir is None.
+    hub maps a task name to (repo, config, split)."""
+    repo, config, hub_split = hub[name]
+    if data_dir is None:
+        return hub_rows(name, repo, config, split or hub_split), repo
+    path = local_file(name, data_dir, split or "test")
+    return read_jsonl(path), str(path)
 
 
 def hub_rows(name: str, repo: str, config: str | None, split: str) -> list[dict]:

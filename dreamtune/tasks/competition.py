@@ -10,7 +10,7 @@ Few-shot prompts use the MATH exemplars (dreamtune.tasks.math500).
 from __future__ import annotations
 
 from dreamtune.tasks import math500
-from dreamtune.tasks.common import canonical_answer, finish, hub_rows, local_file, pick, read_jsonl
+from dreamtune.tasks.common import canonical_answer, finish, pick, source_rows
 
 NAMES = ("aime24", "aime25", "amc23")
 HUB = {
@@ -39,12 +39,7 @@ def _row(name: str, r: dict, i: int, where: str) -> dict:
 
 def load(name: str, data_dir=None, limit: int | None = None) -> list[dict]:
     assert name in NAMES, name
-    if data_dir is None:
-        repo, config, split = HUB[name]
-        raw, where = hub_rows(name, repo, config, split), repo
-    else:
-        path = local_file(name, data_dir)
-        raw, where = read_jsonl(path), str(path)
+    raw, where = source_rows(name, data_dir, HUB)
     return finish([_row(name, r, i, where) for i, r in enumerate(raw)], limit)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from dreamtune.tasks.common import canonical_answer, finish, hub_rows, local_file, pick, read_jsonl
+from dreamtune.tasks.common import canonical_answer, finish, pick, source_rows
 
 NAMES = ("gsm8k",)
 HUB = {"gsm8k": ("openai/gsm8k", "main", "test")}
@@ -58,12 +58,7 @@ def _row(r: dict, i: int, where: str) -> dict:
 
 def load(name: str = "gsm8k", data_dir=None, limit: int | None = None, split: str = "test") -> list[dict]:
     assert name in NAMES, name
-    if data_dir is None:
-        repo, config, _ = HUB[name]
-        raw, where = hub_rows(name, repo, config, split), repo
-    else:
-        path = local_file(name, data_dir, split)
-        raw, where = read_jsonl(path), str(path)
+    raw, where = source_rows(name, data_dir, HUB, split)
     return finish([_row(r, i, where) for i, r in enumerate(raw)], limit)
 
 

@@ -8,7 +8,7 @@ AMC few-shot prompts (the Dream paper evaluates MATH 4-shot).
 
 from __future__ import annotations
 
-from dreamtune.tasks.common import finish, hub_rows, local_file, pick, read_jsonl
+from dreamtune.tasks.common import finish, pick, source_rows
 
 NAMES = ("math500",)
 HUB = {"math500": ("HuggingFaceH4/MATH-500", None, "test")}
@@ -45,12 +45,7 @@ def _row(r: dict, i: int, where: str) -> dict:
 
 def load(name: str = "math500", data_dir=None, limit: int | None = None) -> list[dict]:
     assert name in NAMES, name
-    if data_dir is None:
-        repo, config, split = HUB[name]
-        raw, where = hub_rows(name, repo, config, split), repo
-    else:
-        path = local_file(name, data_dir)
-        raw, where = read_jsonl(path), str(path)
+    raw, where = source_rows(name, data_dir, HUB)
     return finish([_row(r, i, where) for i, r in enumerate(raw)], limit)
 
 
