@@ -1,11 +1,50 @@
-"""Whole-or-nothing outputs: finished directories are renamed into place (no torch import, so leaves
-such as the report can use it)."""
+"""Whole-or-nothing outputs: every file is written under a temporary name beside its target and renamed
+into place, and finished directories are renamed in whole. No torch import, so leaves such as the report
+can use it."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file(path: str | Path, write) -> None:
+    """Call write(tmp_path) for a temporary name beside `path` (same suffix), then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the result should look like any new file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -23,14 +23,14 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dreamtune import distributed as D
+from dreamtune.atomic import write_text
 
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -60,7 +60,7 @@ def save_resumable(run_dir: Path, step: int, model, optimizer, state: dict, *, t
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(run_dir / LATEST, final.name)
+        write_text(run_dir / LATEST, final.name)
         prune(run_dir, keep_last)
     D.barrier()
     return final
@@ -104,12 +104,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
     for p in Path(run_dir).glob(".checkpoint-*.tmp-*"):  # leftovers of a crashed save
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

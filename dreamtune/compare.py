@@ -20,9 +20,18 @@ import textwrap
 import time
 from pathlib import Path
 
-from dreamtune.generate_cli import (add_model_args, add_sampler_args, decoding_settings, encode_prompt,
-                                    generate_batches, load_model, parser, read_prompt_rows, render_prompt,
-                                    write_json_atomic)
+from dreamtune.atomic import write_json
+from dreamtune.generate_cli import (
+    add_model_args,
+    add_sampler_args,
+    decoding_settings,
+    encode_prompt,
+    generate_batches,
+    load_model,
+    parser,
+    read_prompt_rows,
+    render_prompt,
+)
 
 
 def read_prompts_file(path: Path) -> list[dict]:
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_s": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(args.out, result)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -39,9 +39,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dreamtune.data import (DATA_SUFFIXES, DEFAULT_SYSTEM_PROMPT, FORMATS, input_sha256, read_rows,
-                            require_columns, text_field, to_messages)
-
+from dreamtune.atomic import umask, write_file
+from dreamtune.data import (
+    DATA_SUFFIXES,
+    DEFAULT_SYSTEM_PROMPT,
+    FORMATS,
+    input_sha256,
+    read_rows,
+    require_columns,
+    text_field,
+    to_messages,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Converting rows of each format
@@ -166,12 +174,6 @@ def _first_missing(path: Path) -> Path | None:
     return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it becomes `out` (replacing it when
@@ -184,7 +186,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
     made = _first_missing(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any mkdir
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the result should look like any mkdir
     try:
         yield tmp
         old = None
@@ -203,21 +205,6 @@ def atomic_dir(out: Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-        raise
-
-
-def write_file_atomically(path: Path, write) -> None:
-    """Call write(tmp_path) for a temporary name beside `path` (same suffix), then rename into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise
 
 
@@ -370,7 +357,7 @@ def download(dataset: str, out: str, split: str = "train", config: str | None = 
     made = _first_missing(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write_file_atomically(target, write)
+        write_file(target, write)
     except BaseException:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -18,7 +18,6 @@ tokens counted), i.e. when any part of the answer is cut, not only when the mark
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -266,7 +265,7 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
 def _write_report(out_path: Path, report: dict, prompt_len, response_len, total, max_length: int) -> None:
     import numpy as np
 
-    from dreamtune.data_prepare import write_file_atomically
+    from dreamtune.atomic import write_file, write_json
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,9 +287,9 @@ def _write_report(out_path: Path, report: dict, prompt_len, response_len, total,
             right.set(title=f"total tokens: {report['over_max_length']} of {report['rows']} rows over",
                       xlabel="tokens", ylabel="rows")
             right.legend()
-            write_file_atomically(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+            write_file(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
             report["histogram"] = str(png)
-        write_file_atomically(out_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(out_path, report)
     except OSError as e:
         raise ValueError(f"cannot write {out_path} ({e.strerror or e}); choose another place with --out FILE") from None
 

@@ -28,9 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-from dreamtune.generate_cli import (add_model_args, add_sampler_args, decoding_settings, encode_prompt,
-                                    generate_batches, load_model, parser, render_prompt, write_json_atomic,
-                                    write_jsonl_atomic)
+from dreamtune.atomic import write_json, write_jsonl
+from dreamtune.generate_cli import (
+    add_model_args,
+    add_sampler_args,
+    decoding_settings,
+    encode_prompt,
+    generate_batches,
+    load_model,
+    parser,
+    render_prompt,
+)
 
 DEFAULT_TASKS = "gsm8k,math500,aime24,aime25,amc23"
 VERDICT_KEYS = ("extracted", "correct", "stage", "how", "error")
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge_samples([existing, *[read_rows(p) for p in paths]], order)
     missing = len(set(order) - {(r["task"], str(r["id"])) for r in merged})
     assert missing == 0, f"{missing} problems have no graded row after the merge"
-    write_jsonl_atomic(final, merged)
+    write_jsonl(final, merged)
     for p in paths:
         p.unlink()
     summary = {
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": final.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(args.out, summary)
+    write_json(args.out, summary)
     width = max(len(n) for n in names)
     for name, s in summary["tasks"].items():
         print(f"{name:<{width}}  {100 * s['accuracy']:5.1f}%  ({s['correct']}/{s['total']})")

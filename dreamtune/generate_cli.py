@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
+from dreamtune.atomic import write_jsonl
 from dreamtune.sampling import ALGS, generate
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -209,33 +209,6 @@ def generate_batches(lm, prompts: list[list[int]], decoding: dict, *, batch_size
     return results  # type: ignore[return-value]
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Whole or absent: write beside the target, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_prompt_rows(path: Path) -> list[dict]:
     """Rows of a prompts JSONL: each needs `prompt` (string or messages) or `messages`."""
     if not path.is_file():
@@ -299,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.input is not None:
         out_rows = [{**row, "response": r["response"], "answer_tokens": r["answer_tokens"], "nfe": r["nfe"]}
                     for row, r in zip(rows, results)]
-        write_jsonl_atomic(args.output, out_rows)
+        write_jsonl(args.output, out_rows)
         print(f"wrote {len(out_rows)} rows to {args.output}", file=sys.stderr)
         print(timing, file=sys.stderr)
         return 0

@@ -43,6 +43,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
+from dreamtune.atomic import write_jsonl
+
 TASK_NAMES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "gpqa", "generic")
 HOWS = ("boxed", "answer_tag", "answer_colon", "hash", "last_number", "none")
 STAGES = ("exact", "numeric", "math_verify", "none")
@@ -630,21 +632,6 @@ def read_predictions(path: str | Path) -> list[dict]:
     return rows
 
 
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
-    """Write JSON lines to a temporary name beside `path`, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def default_out_path(predictions: str | Path) -> Path:
     """`preds.jsonl` -> `preds.graded.jsonl`, beside the input."""
     p = Path(predictions)
@@ -675,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a reference that cannot be read: say which file
         raise ValueError(f"{args.predictions}: {e}") from None
     graded = [{**row, **{k: v[k] for k in ("extracted", "correct", "stage", "how", "error")}} for row, v in zip(rows, verdicts)]
-    write_jsonl_atomic(out, graded)
+    write_jsonl(out, graded)
     print(format_summary(summarize(verdicts)))
     print(f"verdicts: {out}")
     return 0

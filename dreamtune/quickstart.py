@@ -25,10 +25,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from dreamtune.atomic import write_json, write_jsonl, write_text
 
 DEFAULT_OUT = "runs/quickstart"
 # Per task: the generator's options, rows, model size and training. Chosen by sweeps over size, batch,
@@ -44,27 +45,6 @@ TASKS = {
 }
 # Characters of the chat template's role names ("user", "assistant"), so no prompt token is <unk>.
 ROLE_CHARS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary name beside `path`, then rename: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def cpu_threads(requested: int | None = None) -> int:
@@ -167,8 +147,8 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
         "time_s": round(time.time() - t0, 2),
         "created": _now(),
     }
-    _write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples)
-    _write_json(out, results)
+    write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples)
+    write_json(out, results)
     return results
 
 
@@ -185,7 +165,7 @@ def compare_results(base_json: Path, tuned_json: Path, out: Path) -> dict:
     cmp = {"base": base["model"], "tuned": tuned["model"], "decoding": tuned["decoding"], "rows": rows,
            "summary": {"base_accuracy": base["tasks"][task]["accuracy"],
                        "tuned_accuracy": tuned["tasks"][task]["accuracy"]}}
-    _write_json(out, cmp)
+    write_json(out, cmp)
     return cmp
 
 
@@ -242,11 +222,11 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     # 2. Data: the real prepare (train/val split + manifest) and the real validation report.
     t0 = time.time()
     raw = root / "raw" / f"{task}.jsonl"
-    _write_jsonl(raw, data_rows)
+    write_jsonl(raw, data_rows)
     data_dir = root / "data"
     manifest = prepare(str(raw), str(data_dir), "generic", system_prompt=None, val_fraction=0.05, seed=seed,
                        overwrite=True)
-    _write_jsonl(root / "raw" / f"{task}_eval.jsonl", eval_rows)
+    write_jsonl(root / "raw" / f"{task}_eval.jsonl", eval_rows)
     say(f"[2/5] data: {manifest['rows']['train']} train / {manifest['rows']['val']} val rows of {task} "
         f"{s['opts']} -> {data_dir}")
     # The tokenizer object as the trainer loads it (dreamtune.models.load_tokenizer): AutoTokenizer alone
@@ -320,7 +300,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
         "torch_threads": torch.get_num_threads(),
         "created": _now(),
     }
-    _write_json(root / "quickstart.json", summary)
+    write_json(root / "quickstart.json", summary)
     say("[5/5] report written")
     say(_table(summary))
     return summary
@@ -328,7 +308,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
 
 def _copy_validation(src: Path, dst: Path) -> None:
     if src.exists():
-        _atomic_write_text(dst, src.read_text())
+        write_text(dst, src.read_text())
 
 
 def _table(summary: dict) -> str:
