@@ -19,11 +19,12 @@
 - Early stop: once a row finishes a block that is all eos, the rest of its canvas is filled with eos and
   it needs no more decisions; generation ends when every row has.
 
-How the cache is laid out: K/V in a transformers `DynamicCache` are concatenated in call order, and with
-bidirectional attention only positions (the position ids), never the order of keys, matter. The first
-forward of a block feeds the columns in the order [cached columns, window], so that cropping the
-window's length off the end leaves exactly the cached columns; each later step appends the window and
-crops it again, so the cache never grows.
+How the cache is laid out: dreamtune.kv_forward runs the decoder over chosen columns with the attention
+written out; the first forward of a block feeds [cached columns, window] and keeps the first columns'
+per-layer K/V; later steps run the window against them. Only positions (the position ids), never the
+order of keys, matter to bidirectional attention. On a GPU each of these forwards is a CUDA graph once its
+shape has been seen twice (the dual cache's shapes are the same for every block), so a batch-1 step costs
+one launch instead of hundreds (`cuda_graphs=False` turns that off).
 
 Exactness: with use_cache=False every step runs the whole canvas (Dream's model, block-wise schedule).
 With the cache, a 1-layer model gives identical tokens (layer-0 K/V depend only on the token and its
@@ -32,36 +33,12 @@ position); deeper models differ from the uncached run by the approximation above
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 
 import torch
 
+from dreamtune.kv_forward import GraphCache, forward_columns, supports
 from dreamtune.sampling import GenerateOutput, confidence_prob, init_canvas, sample_from_hidden
-
-
-def _cache_kwarg(decoder) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x keeps the old name as a deprecated alias)."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def forward_columns(lm, x, keys, pos, cols: torch.Tensor, cache=None, cached_cols: torch.Tensor | None = None):
-    """Final hidden states [B, C, H] of canvas columns `cols` [C]; with `cache` holding the K/V of
-    `cached_cols`, which the columns attend to as well (and whose K/V the call appends to the cache)."""
-    dec = lm.model.get_decoder()
-    attn = None
-    if keys is not None:  # 2-D key mask over [cached columns, cols]: pads are never attended
-        kv_cols = cols if cached_cols is None else torch.cat([cached_cols, cols])
-        attn = keys[:, kv_cols]
-    extra = {_cache_kwarg(dec): cache} if cache is not None else {}
-    out = dec(input_ids=x[:, cols], attention_mask=attn, position_ids=pos[:, cols], use_cache=cache is not None,
-              **extra)
-    return out.last_hidden_state
-
-
-def new_cache(lm):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=lm.model.config)
 
 
 def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
@@ -73,6 +50,23 @@ def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
     if dual_cache:
         cached = torch.cat([cached, torch.arange(end, total, device=device)])
     return window, cached
+
+
+def column_runner(lm, use_cache: bool, cuda_graphs: bool):
+    """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False) -> hidden
+    states [B, W, H] (and the columns' K/V): dreamtune.kv_forward, through CUDA graphs on a GPU unless
+    cuda_graphs is False; a decoder it does not support runs the whole canvas through transformers."""
+    model = lm.model
+    if not supports(model):
+        if use_cache:
+            raise ValueError(f"the fast sampler's KV cache needs a Llama-style decoder (Qwen2/Dream, Llama, Mistral, "
+                             f"Qwen3); {type(model).__name__} is not one: pass use_cache=False")
+        return lambda ids, pos, key_mask, cached=None, return_kv=False: lm.hidden_states(ids, key_mask, pos)
+    if not cuda_graphs:
+        return lambda *args: forward_columns(model, *args)
+    if getattr(lm, "graph_cache", None) is None:
+        lm.graph_cache = GraphCache()
+    return lambda *args: lm.graph_cache.run(model, *args)
 
 
 def reveal_threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -98,12 +92,24 @@ def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                   temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
                   generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
                   block_length: int = 32, use_cache: bool = True, dual_cache: bool = False,
-                  stop_at_eos: bool = True, tokens_per_step: int | None = None) -> GenerateOutput:
+                  stop_at_eos: bool = True, tokens_per_step: int | None = None,
+                  cuda_graphs: bool = True) -> GenerateOutput:
     """See the module docstring. Arguments are checked by dreamtune.sampling.generate, the public entry."""
     if tokens_per_step is not None and tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
-    b, p = input_ids.shape
+    run = column_runner(lm, use_cache, cuda_graphs)
+    guard = lm.graph_cache.lock if getattr(lm, "graph_cache", None) is not None else contextlib.nullcontext()
+    with guard:
+        return _generate(lm, x, keys, pos, run, input_ids.shape[1], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                         return_history=return_history, threshold=threshold, block_length=block_length,
+                         use_cache=use_cache, dual_cache=dual_cache, stop_at_eos=stop_at_eos,
+                         tokens_per_step=tokens_per_step)
+
+
+def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top_p, top_k, generator,
+              return_history, threshold, block_length, use_cache, dual_cache, stop_at_eos, tokens_per_step):
     total = x.shape[1]
     head = lm.model.get_output_embeddings()
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
@@ -120,17 +126,18 @@ def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             if not bool(masked.any()):
                 break
             if not use_cache:
-                h = forward_columns(lm, x, keys, pos, torch.arange(total, device=x.device))  # [B, L, H]
+                h = run(x, pos, keys)  # [B, L, H]
                 h_block = h[:, start - shift:end - shift]  # [B, K, H]
             else:
                 if first:
                     # Fill the cache: the whole canvas, cached columns first, window last (see module doc).
-                    cache = new_cache(lm)
-                    h = forward_columns(lm, x, keys, pos, torch.cat([cached, window]), cache)[:, len(cached):]
+                    cols = torch.cat([cached, window])
+                    h, kv = run(x[:, cols], pos[:, cols], None if keys is None else keys[:, cols], None, True)
+                    kv = [(k[:, :, :len(cached)], v[:, :, :len(cached)]) for k, v in kv]  # the cached columns'
+                    h = h[:, len(cached):]  # [B, W, H]
                 else:
-                    h = forward_columns(lm, x, keys, pos, window, cache, cached)  # [B, W, H]
-                cache.crop(-len(window))  # drop the window's K/V: the cache holds the cached columns only
-                assert cache.get_seq_length() == len(cached), (cache.get_seq_length(), len(cached))
+                    kv_keys = None if keys is None else keys[:, torch.cat([cached, window])]
+                    h = run(x[:, window], pos[:, window], kv_keys, kv)  # [B, W, H]
                 h_block = h[:, 1 - shift:1 - shift + end - start]  # window index 0 is column start - 1
             first = False
             nfe += 1

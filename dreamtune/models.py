@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class DiffusionLM:
     mask_token_id: int
     shift: bool  # True: position i is scored from output i-1 (Dream); False: from output i (LLaDA)
     source: str = ""
+    graph_cache: Any = field(default=None, repr=False, compare=False)  # the fast sampler's CUDA graphs
 
     @property
     def config(self):

@@ -248,12 +248,12 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
              top_k: int | None = None, alg_temp: float | None = 0.0, eps: float = 1e-3,
              generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
              block_length: int = 32, use_cache: bool = True, dual_cache: bool = False, stop_at_eos: bool = True,
-             tokens_per_step: int | None = None) -> GenerateOutput:
+             tokens_per_step: int | None = None, cuda_graphs: bool = True) -> GenerateOutput:
     """Generate max_new_tokens after each (left-padded) prompt; see the module docstring.
 
     input_ids [B, P] long and attention_mask [B, P] (1 = real token, 0 = left pad) on the model's device.
     Dream's algorithms use steps, eps, alg_temp. alg="fast" uses threshold, block_length, use_cache,
-    dual_cache, stop_at_eos and tokens_per_step instead (see dreamtune.fast_sampling.generate_fast).
+    dual_cache, stop_at_eos, tokens_per_step and cuda_graphs instead (see dreamtune.fast_sampling.generate_fast).
     """
     validate(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
              temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps, threshold=threshold,
@@ -265,7 +265,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         return generate_fast(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, generator=generator,
                              return_history=return_history, threshold=threshold, block_length=block_length,
                              use_cache=use_cache, dual_cache=dual_cache, stop_at_eos=stop_at_eos,
-                             tokens_per_step=tokens_per_step, **sampling)
+                             tokens_per_step=tokens_per_step, cuda_graphs=cuda_graphs, **sampling)
 
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
     p = input_ids.shape[1]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamtune.fast_sampling import block_columns, forward_columns, new_cache
+from dreamtune.fast_sampling import block_columns
+from dreamtune.kv_forward import forward_columns
 from dreamtune.sampling import GenerateOutput, generate, init_canvas
 from dreamtune.tiny import tiny_lm
 
@@ -180,7 +181,7 @@ def test_fast_threshold_one_reveals_the_most_confident_position_per_step(lm):
         changed = after != canvas
         assert changed.sum(-1).tolist() == [1, 1]
         # the revealed position is the most confident masked position of the current block, with its argmax
-        h = forward_columns(lm, canvas, keys, pos, torch.arange(canvas.shape[1]))[:, start - 1:start + 7]
+        h = lm.hidden_states(canvas, keys, pos)[:, start - 1:start + 7]
         probs = torch.softmax(head(h).float(), -1)  # [B, 8, V]
         conf, tok = probs.max(-1)
         conf = conf.masked_fill(canvas[:, start:start + 8] != lm.mask_token_id, -1)
@@ -231,15 +232,13 @@ def test_cached_window_matches_full_forward_on_an_unchanged_canvas(lm, dual):
     p = ids.shape[1]
     x[:, p:p + 8] = torch.randint(10, 60, (3, 8))  # a finished first block
     start, end = p + 8, p + 16
-    full = forward_columns(lm, x, keys, pos, torch.arange(x.shape[1]))[:, start - 1:end - 1]
+    full = lm.hidden_states(x, keys, pos)[:, start - 1:end - 1]  # transformers' forward of the whole canvas
     window, cached = block_columns(start, end, x.shape[1], dual, x.device)
-    cache = new_cache(lm)
-    first = forward_columns(lm, x, keys, pos, torch.cat([cached, window]), cache)[:, len(cached):]
-    cache.crop(-len(window))
-    again = forward_columns(lm, x, keys, pos, window, cache, cached)
-    cache.crop(-len(window))
-    assert cache.get_seq_length() == len(cached)
-    torch.testing.assert_close(first[:, :8], full, atol=1e-5, rtol=1e-4)
+    cols = torch.cat([cached, window])
+    first, kv = forward_columns(lm.model, x[:, cols], pos[:, cols], keys[:, cols], return_kv=True)
+    kv = [(k[:, :, :len(cached)], v[:, :, :len(cached)]) for k, v in kv]
+    again = forward_columns(lm.model, x[:, window], pos[:, window], keys[:, cols], kv)
+    torch.testing.assert_close(first[:, len(cached):][:, :8], full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again[:, :8], full, atol=1e-5, rtol=1e-4)
 
 
