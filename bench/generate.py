@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(lm, prompt, max_new_tokens=16, steps=2, alg="entropy")  # warm-up: kernels, allocator
         generate(lm, prompt, max_new_tokens=16, steps=0, alg="fast", block_length=8, tokens_per_step=8)
         dream_tps = None
+        seqs = {}
         for name, kw in settings:
             if time.perf_counter() - t0 > args.budget_s:
                 print(f"{b:>5}  {name:<34} skipped: past --budget-s {args.budget_s:.0f}", flush=True)
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             out = generate(lm, prompt, generator=torch.Generator(device=device).manual_seed(1), **kw)
             sync(device)
             dt = time.perf_counter() - start
+            seqs[name] = out.sequences
             tps = b * max_new / dt
             if dream_tps is None and name.startswith("dream"):
                 dream_tps = tps  # the plan's setting (steps = max_new_tokens) is the baseline
@@ -182,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             if out_dir:  # after every row: a run cut short still leaves its numbers
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 (Path(out_dir) / "bench_generate.json").write_text(json.dumps(result, indent=2))
+        a, e = seqs.get("fast 8/step, dual cache"), seqs.get("fast 8/step, dual cache, no graphs")
+        if a is not None and e is not None:  # same kernels, same generator: graphs must not change a token
+            same = bool(torch.equal(a, e))
+            result.setdefault("graphed_equals_eager", {})[str(b)] = same
+            print(f"batch {b}: fast 8/step dual cache, graphed tokens == eager tokens: {same}", flush=True)
     if device.type == "cuda":
         result["max_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     result["total_s"] = round(time.perf_counter() - t0, 1)

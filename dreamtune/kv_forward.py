@@ -89,7 +89,7 @@ def forward_columns(model, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch
 class _Graph:
     """One captured forward_columns call: static inputs are copied in, the graph replayed, outputs read."""
 
-    def __init__(self, model, ids, pos, key_mask, cached: KV | None, return_kv: bool, pool):
+    def __init__(self, model, ids, pos, key_mask, cached: KV | None, return_kv: bool):
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         self.ids, self.pos, self.key_mask = clone(ids), clone(pos), clone(key_mask)
         self.cached = None if cached is None else [(k.clone(), v.clone()) for k, v in cached]
@@ -100,8 +100,10 @@ class _Graph:
             run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA work (a second demo request sampling) does not void the capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        # Each graph has its own memory pool: graphs sharing one may only be replayed in capture order, and
+        # the sampler replays a block's full-canvas graph and its window graph in either order.
+        # thread_local: another thread's CUDA work (a second demo request sampling) does not void the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = run()
 
     def __call__(self, ids, pos, key_mask, cached: KV | None):
@@ -124,7 +126,6 @@ class GraphCache:
         self.capacity = capacity
         self.graphs: OrderedDict = OrderedDict()
         self.seen: dict = {}
-        self.pool = None
         self.disabled = False  # set when a capture fails: everything then runs eagerly
         # graphs own their inputs and outputs: one caller at a time (a generation holds it throughout, since
         # it reads one graph's outputs while replaying another)
@@ -145,10 +146,8 @@ class GraphCache:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] < 2:
                 return forward_columns(model, ids, pos, key_mask, cached, return_kv)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
             try:
-                graph = _Graph(model, ids, pos, key_mask, cached, return_kv, self.pool)
+                graph = _Graph(model, ids, pos, key_mask, cached, return_kv)
             except RuntimeError as e:  # a model or kernel that cannot be captured: correct, only slower
                 warnings.warn(f"CUDA graph capture failed, the fast sampler runs eagerly: {e}", stacklevel=2)
                 self.disabled = True
