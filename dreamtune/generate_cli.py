@@ -46,7 +46,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if visible (LOCAL_RANK's GPU under torchrun)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (GPU; pays off over many steps)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for Dream's samplers (GPU; pays off over many steps); "
+                         "the fast sampler runs CUDA graphs by itself")
 
 
 def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

@@ -120,10 +120,12 @@ class _Graph:
 class GraphCache:
     """forward_columns through CUDA graphs, one per input shape, captured the second time a shape is seen
     (a shape met once is not worth a capture) and kept for later calls, the most recent `capacity` of them.
-    On a CPU, or for a model forward_columns does not support, every call runs eagerly."""
+    Only forwards of at most `max_tokens` columns x rows are graphed: larger ones are compute-bound (batch 32
+    ran as fast without graphs) and each graph holds its own memory pool. On a CPU every call runs eagerly."""
 
-    def __init__(self, capacity: int = 8):
+    def __init__(self, capacity: int = 4, max_tokens: int = 2048):
         self.capacity = capacity
+        self.max_tokens = max_tokens
         self.graphs: OrderedDict = OrderedDict()
         self.seen: dict = {}
         self.disabled = False  # set when a capture fails: everything then runs eagerly
@@ -132,7 +134,7 @@ class GraphCache:
         self.lock = threading.RLock()
 
     def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False):
-        if ids.device.type != "cuda" or self.disabled:
+        if ids.device.type != "cuda" or self.disabled or ids.numel() > self.max_tokens:
             return forward_columns(model, ids, pos, key_mask, cached, return_kv)
         with self.lock:
             return self._run(model, ids, pos, key_mask, cached, return_kv)
