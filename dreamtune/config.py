@@ -39,6 +39,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "auto"),
     "trainer.wandb_mode": ("online", "offline", "disabled"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "optim.state_dtype": ("float32", "bfloat16"),
 }
 LOGGERS = ("console", "tensorboard", "wandb")
 
@@ -95,6 +96,8 @@ class OptimConfig:
     clip_grad: float = 1.0
     lr_scheduler: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0
+    # AdamW moments: float32 (torch's fused AdamW) or bfloat16 (dreamtune.optim: 8 bytes/param less, fp32 maths)
+    state_dtype: str = "float32"
 
 
 @dataclass

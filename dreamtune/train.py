@@ -24,6 +24,7 @@ import torch
 from dreamtune import distributed as D
 from dreamtune.config import load_config, split_argv, to_yaml
 from dreamtune.monitor import LOG, Monitor, setup_logging
+from dreamtune.optim import AdamW
 
 MIN_STEPS_WARNING = 20
 
@@ -245,8 +246,12 @@ def train(cfg) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
 
     # 5. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                            fused=dev.device.type == "cuda")
+    if cfg.optim.state_dtype == "bfloat16":  # moments in bf16, fp32 maths: 8 bytes per parameter less
+        opt = AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                    state_dtype=torch.bfloat16)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                weight_decay=cfg.optim.weight_decay, fused=dev.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan["total_steps"], plan["warmup_steps"]))
     start = 0
     if resume_from is not None:
@@ -341,11 +346,13 @@ def export_final(lm, model, run_dir: Path, cfg, dev: D.Dist) -> None:
 
 def oom_message(cfg, plan, dev, n_params: int) -> str:
     """The memory plan in one line, and what to change, in the order that costs the least."""
-    per_gpu = n_params * (16 if cfg.model.lora_rank == 0 else 2) / dev.world / 2**30
+    full_bytes = 16 if cfg.optim.state_dtype == "float32" else 12  # fp32 weights + grads, two moments
+    per_gpu = n_params * (full_bytes if cfg.model.lora_rank == 0 else 2) / dev.world / 2**30
     return (f"CUDA out of memory: micro batch {plan['micro_batch']} x {cfg.data.max_length} tokens; "
             f"{n_params / 1e9:.2f}B parameters need ~{per_gpu:.0f} GiB per GPU for weights"
-            f"{', gradients and AdamW state (16 B/param, sharded over ' + str(dev.world) + ' GPU(s))' if cfg.model.lora_rank == 0 else ' (frozen, LoRA)'}"
+            f"{', gradients and AdamW state (' + str(full_bytes) + ' B/param, sharded over ' + str(dev.world) + ' GPU(s))' if cfg.model.lora_rank == 0 else ' (frozen, LoRA)'}"
             f" plus activations. Try, in order: data.micro_batch_size_per_gpu=1, model.enable_gradient_checkpointing=True, "
+            f"{'optim.state_dtype=bfloat16, ' if cfg.model.lora_rank == 0 and cfg.optim.state_dtype == 'float32' else ''}"
             f"data.max_length={cfg.data.max_length // 2}, model.lora_rank=16, model.fsdp_config.cpu_offload=True, or more GPUs")
 
 

@@ -208,15 +208,20 @@ def test_oom_message_gives_the_plan_and_the_remedies():
     msg = oom_message(cfg, {"micro_batch": 2}, Dist(world=1), 7_615_616_512)
     assert "7.62B parameters" in msg and "113 GiB" in msg
     for remedy in ["micro_batch_size_per_gpu=1", "enable_gradient_checkpointing=True", "max_length=1024",
-                   "lora_rank=16", "cpu_offload=True"]:
+                   "optim.state_dtype=bfloat16", "lora_rank=16", "cpu_offload=True"]:
         assert remedy in msg
+    cfg.optim.state_dtype = "bfloat16"  # already on: the plan counts 12 bytes per parameter, not 16
+    msg = oom_message(cfg, {"micro_batch": 2}, Dist(world=1), 7_615_616_512)
+    assert "85 GiB" in msg and "state_dtype" not in msg
 
 
 @pytest.mark.distributed
-def test_fsdp_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path):
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_fsdp_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path, state_dtype):
     """Two FSDP2 ranks: stop after 3 of 6 steps (sharded DCP checkpoint), resume; the losses match a run
-    that never stopped."""
-    extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3"]
+    that never stopped. Also with AdamW moments in bf16 (dreamtune.optim on sharded DTensor parameters)."""
+    extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3",
+             f"optim.state_dtype={state_dtype}"]
     _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra), tmp_path)
     _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra, "trainer.max_steps_this_run=3"), tmp_path)
     assert (tmp_path / "parts" / "latest").read_text() == "checkpoint-3"

@@ -1,0 +1,94 @@
+"""dreamtune.optim.AdamW: torch's AdamW arithmetic with the moments stored in bf16 (optim.state_dtype)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamtune.cli import main as cli
+from dreamtune.optim import AdamW
+
+
+def base_args(model_dir, data_dir, run_dir, *extra):
+    return [f"model.partial_pretrain={model_dir}", f"data.train_files={data_dir / 'train.parquet'}",
+            "data.max_length=40", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "optim.lr=3e-3",
+            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console']", "trainer.device=cpu", *extra]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run re-logs: the last wins
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def dcp_state_full(ckpt):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(ckpt).parent / f"{Path(ckpt).name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=False)
+
+
+def params_and_grads(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]  # 6 steps
+    return params, grads
+
+
+def run(opt_cls, steps_grads, params, **kw):
+    opt = opt_cls(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # lr changes every step
+    for grads in steps_grads:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        sched.step()
+    return opt
+
+
+def test_float32_state_is_torch_adamw():
+    ours, grads = params_and_grads()
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    run(AdamW, grads, ours, state_dtype=torch.float32)
+    run(torch.optim.AdamW, grads, ref, foreach=False)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_bfloat16_state_is_stored_in_bf16_and_stays_close():
+    ours, grads = params_and_grads(1)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    opt = run(AdamW, grads, ours, state_dtype=torch.bfloat16)
+    run(torch.optim.AdamW, grads, ref, foreach=False)
+    for p in ours:
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+        assert p.dtype == torch.float32
+    for a, b, s in zip(ours, ref, start):  # the updates agree to bf16 precision of the moments
+        torch.testing.assert_close(a - s, b - s, atol=1e-4, rtol=2e-2)
+
+
+def test_training_with_bf16_state_resumes_exactly(tiny_model_dir, sft_data, tmp_path):
+    extra = ["optim.state_dtype=bfloat16", "trainer.total_training_steps=6", "trainer.val_check_steps=0",
+             "trainer.save_checkpoint_steps=3"]
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra)]) == 0
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra,
+                                    "trainer.max_steps_this_run=3")]) == 0
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra,
+                                    "trainer.resume_training=true")]) == 0
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "parts")
+    assert len(a) == len(b) == 6 and a == b  # bitwise
+    state = dcp_state_full(tmp_path / "parts" / "checkpoint-3")["optim"]["state"]
+    moments = [v for st in state.values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+
+
+@pytest.mark.parametrize("bad", ["optim.state_dtype=bf16", "optim.state_dtype=fp8"])
+def test_bad_state_dtype_names_the_choices(bad, tiny_model_dir, sft_data, tmp_path, capsys):
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "r", bad)]) == 2
+    err = capsys.readouterr().err
+    assert "optim.state_dtype" in err and "bfloat16" in err and "Traceback" not in err
