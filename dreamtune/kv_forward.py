@@ -145,6 +145,8 @@ class GraphCache:
                None if cached is None else tuple(cached[0][0].shape), return_kv)
         graph = self.graphs.get(key)
         if graph is None:
+            if len(self.seen) > 1024:  # many one-off shapes (an eval over varied prompt lengths): forget them
+                self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] < 2:
                 return forward_columns(model, ids, pos, key_mask, cached, return_kv)
