@@ -30,6 +30,19 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     v.copy_(v32)
 
 
+CHUNK = 1 << 24  # elements per eager update: its fp32 temporaries stay ~64 MB each, not 2 GB for an embedding
+
+
+def adamw_update_chunked_(p, g, m, v, *rest) -> None:
+    """adamw_update_ over slices of CHUNK elements (the eager path: its temporaries are per slice)."""
+    tensors = (p, g, m, v)
+    if p.numel() <= CHUNK or not all(t.is_contiguous() for t in tensors):
+        return adamw_update_(p, g, m, v, *rest)
+    flat = [t.view(-1) for t in tensors]
+    for s in range(0, p.numel(), CHUNK):
+        adamw_update_(*(t[s:s + CHUNK] for t in flat), *rest)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor (same storage), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -46,7 +59,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _kernel(self, device: torch.device):
         if self._update is None:
-            self._update = adamw_update_
+            self._update = adamw_update_chunked_
             if device.type == "cuda":  # one fused kernel per parameter instead of ~10 (the optimizer is memory-bound)
                 self._update = torch.compile(adamw_update_, dynamic=True)
         return self._update
@@ -94,10 +107,10 @@ class AdamW(torch.optim.Optimizer):
                 try:
                     self._kernel(pl.device)(*args)
                 except Exception as e:  # noqa: BLE001  a compiler missing on this machine: same maths, eagerly
-                    if self._update is adamw_update_:
+                    if self._update is adamw_update_chunked_:
                         raise
                     warnings.warn(f"compiled AdamW update failed ({type(e).__name__}: {e}); running it eagerly",
                                   stacklevel=2)
-                    self._update = adamw_update_
-                    adamw_update_(*args)
+                    self._update = adamw_update_chunked_
+                    adamw_update_chunked_(*args)
         return None

@@ -58,6 +58,18 @@ def test_float32_state_is_torch_adamw():
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
+def test_chunked_update_equals_whole(monkeypatch):
+    import dreamtune.optim as O
+
+    whole, grads = params_and_grads(2)
+    chunked = [torch.nn.Parameter(p.detach().clone()) for p in whole]
+    run(AdamW, grads, whole, state_dtype=torch.bfloat16)
+    monkeypatch.setattr(O, "CHUNK", 4)  # every parameter of 5+ elements is updated in slices of 4
+    run(AdamW, grads, chunked, state_dtype=torch.bfloat16)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+
+
 def test_bfloat16_state_is_stored_in_bf16_and_stays_close():
     ours, grads = params_and_grads(1)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
