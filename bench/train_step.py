@@ -22,6 +22,7 @@ memory. Variants:
   full-lean  full-fast with the AdamW moments in bf16 (optim.state_dtype=bfloat16, dreamtune.optim: fp32
             maths, one compiled kernel per parameter): 12 bytes per parameter instead of 16. Not measured yet.
   lora      peft LoRA r16 on all linear layers, bf16 frozen base, checkpointing: dreamtune's LoRA step.
+  lora-lean  lora with the adapters' AdamW moments in bf16 (40M adapter parameters: 0.3 GiB less).
   packing   useful (non-pad) tokens/s, packed rows (flex_attention, document block mask) vs rows padded to
             max_length (Dream's default), over a spread of lengths like s1K questions + solutions.
 Prints a table and writes JSON ($OUT/train_step.json when $OUT is set).
@@ -137,7 +138,7 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    lora = name == "lora"
+    lora = name in ("lora", "lora-lean")
     model = build(shape, device, dtype=torch.bfloat16 if lora and device.type == "cuda" else torch.float32)
     if device.type == "cuda":  # the peak of building (fp32 before the bf16 cast) is not the step's
         gc.collect()
@@ -166,7 +167,7 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
         ctx = torch.autocast("cpu", enabled=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "full-lean":
+    if name in ("full-lean", "lora-lean"):
         from dreamtune.optim import AdamW
 
         opt = AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=torch.bfloat16)
