@@ -273,6 +273,12 @@ def validate(cfg) -> None:
         raise ValueError(f"bad value for 'diffusion.cart_p': {cfg.diffusion.cart_p} (must lie in (0, 1) for cart)")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"bad value for 'optim.betas': {list(cfg.optim.betas)} (two numbers, e.g. [0.9,0.95])")
+    if cfg.optim.state_dtype == "bfloat16":
+        import torch
+
+        from dreamtune.optim import check_betas
+
+        check_betas(list(cfg.optim.betas), torch.bfloat16)
     if cfg.model.lora_rank < 0:
         raise ValueError(f"bad value for 'model.lora_rank': {cfg.model.lora_rank} (0 = off, or a positive rank)")
     if not cfg.data.train_files:

@@ -24,8 +24,7 @@ import threading
 import time
 
 MASK_GLYPH = "░"
-# Requests that pass no lock of their own take turns on this one: a request's forward hook must only
-# ever see its own generation.
+# Requests that pass no lock of their own take turns on this one: one generation uses the model at a time.
 _MODEL_LOCK = threading.Lock()
 ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast")
 # The shortest time the steps of one answer take on the page: a tiny model on a CPU finishes its steps
@@ -90,11 +89,10 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
                    lock: threading.Lock | None = None, min_seconds: float = 0.0):
     """Yield (canvas text, status) while one request is denoised, then (final answer, "done: ...").
 
-    The canvases are the real ones, live: the generation runs in a worker thread, and a forward pre-hook
-    on the model's decoder hands each canvas the model is about to read (every step's start) to this
-    request's queue. The hook exists only while this request holds `lock`, which a server's requests
-    share so that only one generation uses the model at a time; the request's generator, canvas, queue
-    and results are its own. `min_seconds` spreads the frames over at least that long, so a tiny model's
+    The canvases are the real ones, live: the generation runs in a worker thread, and the sampler's
+    on_step callback hands the canvas after every step to this request's queue. The generation runs
+    while this request holds `lock`, which a server's requests share so that only one generation uses the
+    model at a time; the request's generator, canvas, queue and results are its own. `min_seconds` spreads the frames over at least that long, so a tiny model's
     steps can be watched. A prompt that does not fit the context, or a bad setting, yields one message."""
     import torch
 
@@ -112,29 +110,20 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
                    f"({lm.config.max_position_embeddings} tokens) minus {max_new_tokens} new tokens leaves room "
                    f"for {max(limit, 0)}. Shorten the prompt or lower max new tokens.")
         return
-    p, width = len(ids), len(ids) + max_new_tokens
+    p = len(ids)
     input_ids = torch.tensor([ids], dtype=torch.long, device=lm.device)  # [1, P]
     generator = torch.Generator(device=lm.device.type).manual_seed(seed)
     frames: queue.Queue = queue.Queue()  # answer-region token lists, then None when the worker ends
     result: dict = {}
 
-    def on_forward(module, args, kwargs):
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is not None and x.shape[-1] == width:  # the fast sampler's cached steps see a window: skipped
-            frames.put(x[0, p:].tolist())
-
     def work():
         try:
             with lock if lock is not None else _MODEL_LOCK:
-                handle = lm.model.get_decoder().register_forward_pre_hook(on_forward, with_kwargs=True)
-                try:
-                    t0 = time.time()
-                    result["out"] = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
-                                             temperature=float(temperature), threshold=float(threshold),
-                                             generator=generator)
-                    result["time_s"] = time.time() - t0
-                finally:
-                    handle.remove()
+                t0 = time.time()
+                result["out"] = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
+                                         temperature=float(temperature), threshold=float(threshold),
+                                         generator=generator, on_step=lambda x: frames.put(x[0, p:].tolist()))
+                result["time_s"] = time.time() - t0
         except Exception as e:  # handed to the request's own generator below
             result["error"] = e
         finally:

@@ -33,11 +33,9 @@ position); deeper models differ from the uncached run by the approximation above
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from dreamtune.kv_forward import GraphCache, forward_columns, supports
+from dreamtune.kv_forward import forward_columns, supports
 from dreamtune.sampling import GenerateOutput, confidence_prob, init_canvas, sample_from_hidden
 
 
@@ -53,20 +51,21 @@ def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
 
 
 def column_runner(lm, use_cache: bool, cuda_graphs: bool):
-    """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False) -> hidden
-    states [B, W, H] (and the columns' K/V): dreamtune.kv_forward, through CUDA graphs on a GPU unless
-    cuda_graphs is False; a decoder it does not support runs the whole canvas through transformers."""
+    """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False, graph=True)
+    -> hidden states [B, W, H] (and the columns' K/V): dreamtune.kv_forward, through CUDA graphs on a GPU
+    unless cuda_graphs (or graph) is False; a decoder it does not support runs the whole canvas through
+    transformers."""
     model = lm.model
     if not supports(model):
         if use_cache:
             raise ValueError(f"the fast sampler's KV cache needs a Llama-style decoder (Qwen2/Dream, Llama, Mistral, "
                              f"Qwen3); {type(model).__name__} is not one: pass use_cache=False")
-        return lambda ids, pos, key_mask, cached=None, return_kv=False: lm.hidden_states(ids, key_mask, pos)
+        return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: lm.hidden_states(ids, key_mask, pos)
     if not cuda_graphs:
-        return lambda *args: forward_columns(model, *args)
-    if getattr(lm, "graph_cache", None) is None:
-        lm.graph_cache = GraphCache()
-    return lambda *args: lm.graph_cache.run(model, *args)
+        return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: forward_columns(
+            model, ids, pos, key_mask, cached, return_kv)
+    graphs = lm.graph_cache
+    return lambda *args: graphs.run(model, *args)
 
 
 def reveal_threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -93,23 +92,22 @@ def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                   generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
                   block_length: int = 32, use_cache: bool = True, dual_cache: bool = False,
                   stop_at_eos: bool = True, tokens_per_step: int | None = None,
-                  cuda_graphs: bool = True) -> GenerateOutput:
+                  cuda_graphs: bool = True, on_step=None) -> GenerateOutput:
     """See the module docstring. Arguments are checked by dreamtune.sampling.generate, the public entry."""
     if tokens_per_step is not None and tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
     run = column_runner(lm, use_cache, cuda_graphs)
-    guard = lm.graph_cache.lock if getattr(lm, "graph_cache", None) is not None else contextlib.nullcontext()
-    with guard:
+    with lm.graph_cache.lock:  # graphs own their buffers: one generation at a time uses them
         return _generate(lm, x, keys, pos, run, input_ids.shape[1], max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                          return_history=return_history, threshold=threshold, block_length=block_length,
                          use_cache=use_cache, dual_cache=dual_cache, stop_at_eos=stop_at_eos,
-                         tokens_per_step=tokens_per_step)
+                         tokens_per_step=tokens_per_step, on_step=on_step)
 
 
 def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top_p, top_k, generator,
-              return_history, threshold, block_length, use_cache, dual_cache, stop_at_eos, tokens_per_step):
+              return_history, threshold, block_length, use_cache, dual_cache, stop_at_eos, tokens_per_step, on_step):
     total = x.shape[1]
     head = lm.model.get_output_embeddings()
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
@@ -137,7 +135,8 @@ def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top
                     h = h[:, len(cached):]  # [B, W, H]
                 else:
                     kv_keys = None if keys is None else keys[:, torch.cat([cached, window])]
-                    h = run(x[:, window], pos[:, window], kv_keys, kv)  # [B, W, H]
+                    # the prefix cache's window shrinks block by block: a graph would serve one block only
+                    h = run(x[:, window], pos[:, window], kv_keys, kv, False, dual_cache)  # [B, W, H]
                 h_block = h[:, 1 - shift:1 - shift + end - start]  # window index 0 is column start - 1
             first = False
             nfe += 1
@@ -152,13 +151,15 @@ def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top
             else:
                 reveal = reveal_top(full_conf, masked, tokens_per_step)
             x[:, start:end] = torch.where(reveal, proposal, x[:, start:end])
+            if eos is not None and end < total:
+                # a block that is now all eos ends the answer: the rest of that row's canvas becomes eos
+                # (device ops, no branch: a block with masks left is never all eos)
+                done = (x[:, start:end] == eos).all(-1, keepdim=True)  # [B, 1]
+                tail = x[:, end:]
+                tail.masked_fill_(done & (tail == lm.mask_token_id), eos)
             if history is not None:
                 history.append(x.detach().to("cpu", copy=True))
-        if eos is not None and end < total:
-            done = (x[:, start:end] == eos).all(-1, keepdim=True)  # [B, 1]: the block is all eos
-            tail = x[:, end:]
-            tail.masked_fill_(done & (tail == lm.mask_token_id), eos)
-            if history is not None and history:
-                history[-1] = x.detach().to("cpu", copy=True)  # the fill belongs to the block's last step
+            if on_step is not None:
+                on_step(x)
     assert not bool((x[:, p:] == lm.mask_token_id).any()), "a mask token survived the fast sampler"
     return GenerateOutput(sequences=x, history=history, nfe=nfe)

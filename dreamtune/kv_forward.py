@@ -33,7 +33,9 @@ def supports(model) -> bool:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
             return False
-        if getattr(attn, "sliding_window", None) is not None:  # windowed layers: not in Dream, not handled here
+        # windowed layers (not in Dream) are not handled here; Mistral keeps the window in its config only
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+        if window is not None:
             return False
         if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")):
             return False
@@ -94,6 +96,8 @@ class _Graph:
         self.ids, self.pos, self.key_mask = clone(ids), clone(pos), clone(key_mask)
         self.cached = None if cached is None else [(k.clone(), v.clone()) for k, v in cached]
         run = lambda: forward_columns(model, self.ids, self.pos, self.key_mask, self.cached, return_kv)  # noqa: E731
+        # Streams of the model's device (the caller made it current), never the process-wide default
+        # capture stream: a rank whose model is on cuda:1 would otherwise capture an empty graph.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
@@ -103,7 +107,7 @@ class _Graph:
         # Each graph has its own memory pool: graphs sharing one may only be replayed in capture order, and
         # the sampler replays a block's full-canvas graph and its window graph in either order.
         # thread_local: another thread's CUDA work (a second demo request sampling) does not void the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
             self.out = run()
 
     def __call__(self, ids, pos, key_mask, cached: KV | None):
@@ -120,8 +124,9 @@ class _Graph:
 class GraphCache:
     """forward_columns through CUDA graphs, one per input shape, captured the second time a shape is seen
     (a shape met once is not worth a capture) and kept for later calls, the most recent `capacity` of them.
-    Only forwards of at most `max_tokens` columns x rows are graphed: larger ones are compute-bound (batch 32
-    ran as fast without graphs) and each graph holds its own memory pool. On a CPU every call runs eagerly."""
+    Only forwards of at most `max_tokens` rows x (window + cached) columns are graphed: larger ones are
+    compute-bound (batch 32 ran as fast without graphs), and each graph holds its own memory pool and a copy
+    of the cached K/V. On a CPU every call runs eagerly."""
 
     def __init__(self, capacity: int = 4, max_tokens: int = 2048):
         self.capacity = capacity
@@ -133,15 +138,20 @@ class GraphCache:
         # it reads one graph's outputs while replaying another)
         self.lock = threading.RLock()
 
-    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False):
-        if ids.device.type != "cuda" or self.disabled or ids.numel() > self.max_tokens:
+    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False, graph: bool = True):
+        """forward_columns(...); graph=False runs it eagerly (a shape the caller knows will not recur)."""
+        # rows x (window + cached) columns: a graph holds a copy of the cached K/V as well
+        tokens = ids.shape[0] * (ids.shape[1] + (0 if cached is None else cached[0][0].shape[2]))
+        if not graph or ids.device.type != "cuda" or self.disabled or tokens > self.max_tokens:
             return forward_columns(model, ids, pos, key_mask, cached, return_kv)
-        with self.lock:
+        with self.lock, torch.cuda.device(ids.device):
             return self._run(model, ids, pos, key_mask, cached, return_kv)
 
     def _run(self, model, ids, pos, key_mask, cached, return_kv):
-        p0 = next(model.parameters())  # its address: a model moved or reloaded elsewhere gets new graphs
-        key = (id(model), p0.data_ptr(), p0.dtype, tuple(ids.shape), key_mask is not None and tuple(key_mask.shape),
+        # every weight's address and dtype: a model moved, cast or reloaded gets new graphs (a graph reads
+        # the addresses it was captured with)
+        weights = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+        key = (id(model), hash(weights), tuple(ids.shape), key_mask is not None and tuple(key_mask.shape),
                None if cached is None else tuple(cached[0][0].shape), return_kv)
         graph = self.graphs.get(key)
         if graph is None:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dreamtune.kv_forward import GraphCache
+
 from dreamtune.atomic import replace_dir
 
 MASK_TOKEN = "<|mask|>"
@@ -55,7 +57,8 @@ class DiffusionLM:
     mask_token_id: int
     shift: bool  # True: position i is scored from output i-1 (Dream); False: from output i (LLaDA)
     source: str = ""
-    graph_cache: Any = field(default=None, repr=False, compare=False)  # the fast sampler's CUDA graphs
+    # the fast sampler's CUDA graphs (made with the object, so concurrent generations share one lock)
+    graph_cache: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
 
     @property
     def config(self):

@@ -30,6 +30,18 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     v.copy_(v32)
 
 
+MAX_BF16_BETA = 0.995  # bf16 keeps 8 significant bits: v * beta rounds back to v once 1 - beta < ~2^-8
+
+
+def check_betas(betas, state_dtype) -> None:
+    """bf16 moments cannot decay with a beta this close to 1 (x * 0.999 rounds to x in bf16): the second
+    moment would only grow and the steps shrink silently. A ValueError says what to do instead."""
+    if state_dtype == torch.bfloat16 and max(betas) > MAX_BF16_BETA:
+        raise ValueError(f"optim.betas {list(betas)} with optim.state_dtype=bfloat16: a beta above {MAX_BF16_BETA} "
+                         f"cannot decay a bf16 moment; use betas <= {MAX_BF16_BETA} (Dream: [0.9, 0.95]) or "
+                         f"optim.state_dtype=float32")
+
+
 CHUNK = 1 << 24  # elements per eager update: its fp32 temporaries stay ~64 MB each, not 2 GB for an embedding
 
 
@@ -51,8 +63,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update with the moments kept in `state_dtype` (see the module docstring)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01,
                  state_dtype: torch.dtype = torch.bfloat16):
+        check_betas(betas, state_dtype)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self._update = None
@@ -78,8 +91,9 @@ class AdamW(torch.optim.Optimizer):
         self.state.clear()
         for pid, st in state_dict["state"].items():
             p = by_id[pid]
-            self.state[p] = {k: v if k == "step" else v.to(device=p.device, dtype=self.state_dtype)
-                             for k, v in st.items()}
+            # the step on the CPU as a float (a fused torch AdamW keeps it on the GPU: .item() would sync)
+            self.state[p] = {k: (torch.as_tensor(v, dtype=torch.float32).cpu() if k == "step"
+                                 else v.to(device=p.device, dtype=self.state_dtype)) for k, v in st.items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,10 +116,14 @@ class AdamW(torch.optim.Optimizer):
                     scalars_at[t, pl.device] = [torch.tensor(x, dtype=torch.float32, device=pl.device) for x in
                                                 (group["lr"], group["lr"] / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)]
                 scalars = scalars_at[t, pl.device]
-                args = (pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), *scalars,
-                        beta1, beta2, group["eps"], group["weight_decay"])
+                tensors = [pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
+                if all(x.is_contiguous() for x in tensors):  # 1-D views: one compiled kernel serves every shape
+                    tensors = [x.view(-1) for x in tensors]
+                args = (*tensors, *scalars, beta1, beta2, group["eps"], group["weight_decay"])
                 try:
                     self._kernel(pl.device)(*args)
+                except torch.OutOfMemoryError:
+                    raise
                 except Exception as e:  # noqa: BLE001  a compiler missing on this machine: same maths, eagerly
                     if self._update is adamw_update_chunked_:
                         raise

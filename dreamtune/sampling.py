@@ -35,6 +35,7 @@ Where this differs from Dream's code, on purpose, without changing what is compu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -248,12 +249,15 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
              top_k: int | None = None, alg_temp: float | None = 0.0, eps: float = 1e-3,
              generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
              block_length: int = 32, use_cache: bool = True, dual_cache: bool = False, stop_at_eos: bool = True,
-             tokens_per_step: int | None = None, cuda_graphs: bool = True) -> GenerateOutput:
+             tokens_per_step: int | None = None, cuda_graphs: bool = True,
+             on_step: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
     """Generate max_new_tokens after each (left-padded) prompt; see the module docstring.
 
     input_ids [B, P] long and attention_mask [B, P] (1 = real token, 0 = left pad) on the model's device.
     Dream's algorithms use steps, eps, alg_temp. alg="fast" uses threshold, block_length, use_cache,
     dual_cache, stop_at_eos, tokens_per_step and cuda_graphs instead (see dreamtune.fast_sampling.generate_fast).
+    on_step(x) is called with the canvas x [B, P + max_new_tokens] after every step that ran the model (the
+    demo streams it; it must not modify x).
     """
     validate(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
              temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps, threshold=threshold,
@@ -265,7 +269,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         return generate_fast(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, generator=generator,
                              return_history=return_history, threshold=threshold, block_length=block_length,
                              use_cache=use_cache, dual_cache=dual_cache, stop_at_eos=stop_at_eos,
-                             tokens_per_step=tokens_per_step, cuda_graphs=cuda_graphs, **sampling)
+                             tokens_per_step=tokens_per_step, cuda_graphs=cuda_graphs, on_step=on_step, **sampling)
 
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
     p = input_ids.shape[1]
@@ -275,6 +279,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     nfe = 0
     for i in range(steps):
         t, s, last = grid[i], grid[i + 1], i == steps - 1
+        nfe_before = nfe
         if alg == "origin":
             prob = 1.0 if last else float(1 - s / t)
             nfe += _step_origin(lm, x, keys, pos, p, prob=prob, sampling=sampling, generator=generator)
@@ -288,5 +293,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
                 n_masked -= k
         if history is not None:
             history.append(x.detach().to("cpu", copy=True))
+        if on_step is not None and nfe > nfe_before:  # a step that revealed nothing shows nothing new
+            on_step(x)
     assert not bool((x[:, p:] == lm.mask_token_id).any()), "a mask token survived the last step"
     return GenerateOutput(sequences=x, history=history, nfe=nfe)

@@ -84,6 +84,20 @@ def test_graph_cache_runs_eagerly_on_cpu():
     assert not cache.graphs
 
 
+def test_sliding_window_mistral_is_not_supported():
+    """Mistral keeps its window in the config only; forward_columns attends to everything, so it must refuse."""
+    from transformers import MistralConfig
+
+    def mistral(window):
+        cfg = MistralConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                            sliding_window=window)
+        return new_model(cfg, tokenizer=None, mask_token_id=95).model
+
+    assert not supports(mistral(4))
+    assert supports(mistral(None))
+
+
 def test_unsupported_decoder_needs_use_cache_false():
     from transformers import GPT2Config, GPT2LMHeadModel
 

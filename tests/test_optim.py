@@ -99,8 +99,18 @@ def test_training_with_bf16_state_resumes_exactly(tiny_model_dir, sft_data, tmp_
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
 
 
-@pytest.mark.parametrize("bad", ["optim.state_dtype=bf16", "optim.state_dtype=fp8"])
+@pytest.mark.parametrize("bad", [["optim.state_dtype=bf16"], ["optim.state_dtype=fp8"],
+                                 ["optim.state_dtype=bfloat16", "optim.betas=[0.9,0.999]"]])
 def test_bad_state_dtype_names_the_choices(bad, tiny_model_dir, sft_data, tmp_path, capsys):
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "r", bad)]) == 2
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "r", *bad)]) == 2
     err = capsys.readouterr().err
-    assert "optim.state_dtype" in err and "bfloat16" in err and "Traceback" not in err
+    assert "optim.state_dtype" in err and ("bfloat16" in err) and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_bf16_moments_refuse_a_beta_too_close_to_one():
+    """0.999 * x rounds back to x in bf16: such a moment would never decay."""
+    x = torch.tensor(1.0, dtype=torch.bfloat16)
+    assert (x.float() * 0.999).to(torch.bfloat16) == x
+    with pytest.raises(ValueError, match="cannot decay"):
+        AdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.999))
