@@ -58,8 +58,9 @@ def column_runner(lm, use_cache: bool, cuda_graphs: bool):
     model = lm.model
     if not supports(model):
         if use_cache:
-            raise ValueError(f"the fast sampler's KV cache needs a Llama-style decoder (Qwen2/Dream, Llama, Mistral, "
-                             f"Qwen3); {type(model).__name__} is not one: pass use_cache=False")
+            raise ValueError(f"the fast sampler's KV cache needs a Llama-style decoder without a sliding "
+                             f"window (Qwen2/Dream, Llama, Mistral, Qwen3); {type(model).__name__} is not one: "
+                             f"pass use_cache=False")
         return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: lm.hidden_states(ids, key_mask, pos)
     if not cuda_graphs:
         return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: forward_columns(

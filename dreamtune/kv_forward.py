@@ -7,7 +7,8 @@ and kernel launches per layer: at batch 1 a 7B step is launch-bound (24 ms for w
 attention written out (one scaled_dot_product_attention over [cached keys, window keys]); on a GPU
 `GraphCache` captures that run once per shape as a CUDA graph and replays it, so a step costs one launch.
 
-For the Llama-style decoders dreamtune loads: Qwen2 (= Dream), Llama, Mistral, Qwen3 (with its q/k norms);
+For the Llama-style decoders dreamtune loads: Qwen2 (= Dream), Llama, Mistral without a sliding window, Qwen3
+(with its q/k norms);
 `supports` says whether a model has that structure. With the cached K/V computed from the same canvas, the
 hidden states of the window equal the full forward's at those columns (tested against transformers).
 """
@@ -34,7 +35,8 @@ def supports(model) -> bool:
         if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
             return False
         # windowed layers (not in Dream) are not handled here; Mistral keeps the window in its config only
-        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+        window = (attn.sliding_window if hasattr(attn, "sliding_window")
+                  else getattr(getattr(attn, "config", None), "sliding_window", None))
         if window is not None:
             return False
         if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")):
