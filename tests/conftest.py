@@ -18,6 +18,15 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than with threads fighting other processes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def shared_or_skip(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import dreamtune.evaluate as evaluate
 from dreamtune.cli import main as cli
@@ -25,12 +24,7 @@ needs_data = pytest.mark.skipif(not (EVAL / "gsm8k" / "test.jsonl").is_file(),
 FAST = ["--max-new-tokens", "16", "--steps", "4", "--grade-workers", "0", "--batch-size", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to other processes' load
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

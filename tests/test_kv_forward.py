@@ -11,12 +11,7 @@ from dreamtune.models import new_model, tiny_config
 from dreamtune.sampling import generate, init_canvas
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch: str, seed: int = 0):

@@ -1,33 +1,10 @@
-"""dreamtune.optim.AdamW: torch's AdamW arithmetic with the moments stored in bf16 (optim.state_dtype)."""
-
-import json
-from pathlib import Path
+"""dreamtune.optim.AdamW: torch's AdamW arithmetic with the moments stored in bf16 (optim.state_dtype).
+Training with it (resume, bad settings) is tested in test_train.py."""
 
 import pytest
 import torch
 
-from dreamtune.cli import main as cli
 from dreamtune.optim import AdamW
-
-
-def base_args(model_dir, data_dir, run_dir, *extra):
-    return [f"model.partial_pretrain={model_dir}", f"data.train_files={data_dir / 'train.parquet'}",
-            "data.max_length=40", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "optim.lr=3e-3",
-            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console']", "trainer.device=cpu", *extra]
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run re-logs: the last wins
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def dcp_state_full(ckpt):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = Path(ckpt).parent / f"{Path(ckpt).name}.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=False)
 
 
 def params_and_grads(seed=0):
@@ -82,30 +59,6 @@ def test_bfloat16_state_is_stored_in_bf16_and_stays_close():
         assert p.dtype == torch.float32
     for a, b, s in zip(ours, ref, start):  # the updates agree to bf16 precision of the moments
         torch.testing.assert_close(a - s, b - s, atol=1e-4, rtol=2e-2)
-
-
-def test_training_with_bf16_state_resumes_exactly(tiny_model_dir, sft_data, tmp_path):
-    extra = ["optim.state_dtype=bfloat16", "trainer.total_training_steps=6", "trainer.val_check_steps=0",
-             "trainer.save_checkpoint_steps=3"]
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra)]) == 0
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra,
-                                    "trainer.max_steps_this_run=3")]) == 0
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra,
-                                    "trainer.resume_training=true")]) == 0
-    a, b = losses(tmp_path / "whole"), losses(tmp_path / "parts")
-    assert len(a) == len(b) == 6 and a == b  # bitwise
-    state = dcp_state_full(tmp_path / "parts" / "checkpoint-3")["optim"]["state"]
-    moments = [v for st in state.values() for k, v in st.items() if k.startswith("exp_avg")]
-    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
-
-
-@pytest.mark.parametrize("bad", [["optim.state_dtype=bf16"], ["optim.state_dtype=fp8"],
-                                 ["optim.state_dtype=bfloat16", "optim.betas=[0.9,0.999]"]])
-def test_bad_state_dtype_names_the_choices(bad, tiny_model_dir, sft_data, tmp_path, capsys):
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "r", *bad)]) == 2
-    err = capsys.readouterr().err
-    assert "optim.state_dtype" in err and ("bfloat16" in err) and "Traceback" not in err
-    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 def test_bf16_moments_refuse_a_beta_too_close_to_one():

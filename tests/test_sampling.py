@@ -17,13 +17,7 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 CONFIDENCE_ALGS = ("maskgit_plus", "topk_margin", "entropy")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than with threads fighting other processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

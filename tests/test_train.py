@@ -35,13 +35,18 @@ def metrics(run_dir):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def dcp_state(ckpt):
-    """The fp32 model weights stored in a resumable checkpoint."""
+def dcp_load(ckpt):
+    """Everything a resumable checkpoint stores: {"model": fp32 weights, "optim": optimizer state}."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = Path(ckpt).parent / f"{Path(ckpt).name}.pt"
     dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=False)["model"]
+    return torch.load(out, weights_only=False)
+
+
+def dcp_state(ckpt):
+    """The fp32 model weights stored in a resumable checkpoint."""
+    return dcp_load(ckpt)["model"]
 
 
 def test_tiny_run_learns_and_writes_everything(tiny_model_dir, sft_data, tmp_path):
@@ -119,6 +124,23 @@ def test_exact_resume_after_kill(tiny_model_dir, sft_data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
+    """optim.state_dtype=bfloat16: stop after 3 of 6 steps, resume; the losses match a run that never
+    stopped, and the checkpoint holds the moments in bf16 (torch's load_state_dict would make them fp32)."""
+    extra = ["optim.state_dtype=bfloat16", "trainer.total_training_steps=6", "trainer.val_check_steps=0",
+             "trainer.save_checkpoint_steps=3"]
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra)]) == 0
+    parts = base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra)
+    assert cli(["train", *parts, "trainer.max_steps_this_run=3"]) == 0
+    assert cli(["train", *parts, "trainer.resume_training=true"]) == 0
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
+    state = dcp_load(tmp_path / "parts" / "checkpoint-3")["optim"]["state"]
+    moments = [v for st in state.values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+
+
 def _torchrun(nproc, args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dreamtune.train", *args]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=cwd, timeout=600)
@@ -163,13 +185,16 @@ def test_plan_script_runs_as_written(tiny_model_dir, sft_data, tmp_path):
     ("data.train_files=/nope/train.parquet", "/nope/train.parquet"),
     ("model.partial_pretrain=NOTAMODEL", "no config.json"),
     ("model.fsdp_config.cpu_offload=true", "torchrun --nproc_per_node=1"),
+    ("optim.state_dtype=bf16", "'optim.state_dtype': 'bf16' (choose one of float32, bfloat16)"),
+    ("optim.state_dtype=fp8", "'optim.state_dtype': 'fp8' (choose one of float32, bfloat16)"),
+    ("optim.state_dtype=bfloat16 optim.betas=[0.9,0.999]", "cannot decay"),
 ])
 def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, fragment, capsys):
     if override.startswith("model.partial_pretrain"):
         (tmp_path / "NOTAMODEL").mkdir()
         override = f"model.partial_pretrain={tmp_path / 'NOTAMODEL'}"
     run = tmp_path / "run"
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, run), override]) == 2
+    assert cli(["train", *base_args(tiny_model_dir, sft_data, run), *override.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and fragment in err[-1]
     assert not run.exists()  # no half-made run directory
