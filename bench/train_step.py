@@ -16,16 +16,22 @@ memory. Variants:
   full-ac2  the same, checkpointing every other layer (less recomputation, more memory).
   full-compile  `full` with each decoder layer torch.compiled.
   full-fast  compiled layers and checkpointing every other layer.
+  full-noac  compiled layers, no checkpointing (fits only with room for every layer's activations).
   full-fsdp1  full-fast under FSDP2 on a group of one (bf16 weights gathered once per step, no autocast);
             what `torchrun --nproc_per_node=1 -m dreamtune.train ... model.fsdp_config.reshard_after_forward=false`
-            runs. Not measured yet (added after the device time of 2026-11-29 was spent).
+            runs.
   full-lean  full-fast with the AdamW moments in bf16 (optim.state_dtype=bfloat16, dreamtune.optim: fp32
-            maths, one compiled kernel per parameter): 12 bytes per parameter instead of 16. Not measured yet.
+            maths, one compiled kernel per parameter, gradient clipping folded into it): 12 bytes per
+            parameter instead of 16.
+  full-lean-noac  full-lean without checkpointing: the 28 GiB the bf16 moments free hold the activations.
   lora      peft LoRA r16 on all linear layers, bf16 frozen base, checkpointing: dreamtune's LoRA step.
   lora-lean  lora with the adapters' AdamW moments in bf16 (40M adapter parameters: 0.3 GiB less).
+  lora-compile  lora-lean with compiled layers (fused elementwise work saves fewer activations).
   packing   useful (non-pad) tokens/s, packed rows (flex_attention, document block mask) vs rows padded to
             max_length (Dream's default), over a spread of lengths like s1K questions + solutions.
-Prints a table and writes JSON ($OUT/train_step.json when $OUT is set).
+Each run also reports peak_by_phase_gib: the peak after the forward, the backward and the optimizer step
+of one instrumented step (where the peak is). Prints a table and writes JSON ($OUT/train_step.json when
+$OUT is set).
 """
 
 from __future__ import annotations
@@ -132,15 +138,35 @@ def time_steps(step, warmup: int, iters: int, device) -> list[float]:
     return times
 
 
+# name -> how dreamtune's step is set up: compiled layers, checkpoint every k layers (0: none), AdamW moments
+# dtype (bf16: dreamtune.optim.AdamW with clipping folded into its update), LoRA (bf16 frozen base).
+VARIANTS = {
+    "full": dict(compile=False, ac=1, moments="fp32"),
+    "full-ac2": dict(compile=False, ac=2, moments="fp32"),
+    "full-compile": dict(compile=True, ac=1, moments="fp32"),
+    "full-fast": dict(compile=True, ac=2, moments="fp32"),
+    "full-noac": dict(compile=True, ac=0, moments="fp32"),
+    "full-fsdp1": dict(compile=True, ac=2, moments="fp32", fsdp=True),
+    "full-lean": dict(compile=True, ac=2, moments="bf16"),
+    "full-lean-noac": dict(compile=True, ac=0, moments="bf16"),
+    "lora": dict(compile=False, ac=1, moments="fp32", lora=True),
+    "lora-lean": dict(compile=False, ac=1, moments="bf16", lora=True),
+    "lora-compile": dict(compile=True, ac=1, moments="bf16", lora=True),
+}
+
+
 def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, iters: int) -> dict:
     from dreamtune import distributed as D
+    from dreamtune.optim import AdamW, clip_coefficient
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    lora = name in ("lora", "lora-lean")
-    model = build(shape, device, dtype=torch.bfloat16 if lora and device.type == "cuda" else torch.float32)
-    if device.type == "cuda":  # the peak of building (fp32 before the bf16 cast) is not the step's
+    v = VARIANTS.get(name, dict(compile=False, ac=1, moments="fp32"))  # naive: checkpointing, torch AdamW
+    cuda = device.type == "cuda"
+    lora = v.get("lora", False)
+    model = build(shape, device, dtype=torch.bfloat16 if lora and cuda else torch.float32)
+    if cuda:  # the peak of building (fp32 before the bf16 cast) is not the step's
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -149,11 +175,12 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    D.apply_activation_checkpointing(model, 2 if name in ("full-ac2", "full-fast", "full-fsdp1", "full-lean") else 1)
-    if name in ("full-compile", "full-fast", "full-fsdp1") or (name == "full-lean" and device.type == "cuda"):
+    if v["ac"]:
+        D.apply_activation_checkpointing(model, v["ac"])
+    if v["compile"] and cuda:
         D.apply_compile(model)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if name == "full-fsdp1":
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    if v.get("fsdp"):
         # FSDP2 on a group of one: the bf16 copy of the weights is made once per forward by the (trivial)
         # all-gather and kept for the backward (no reshard), instead of autocast casting on every pass
         # and again in the recompute (~18% of the step in bench/results/profile_full_2x2048.txt).
@@ -162,22 +189,27 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29533")
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-        D.apply_fsdp(model, torch.bfloat16 if device.type == "cuda" else None, reshard_after_forward=False)
+            dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+        D.apply_fsdp(model, torch.bfloat16 if cuda else None, reshard_after_forward=False)
         ctx = torch.autocast("cpu", enabled=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if name in ("full-lean", "lora-lean"):
-        from dreamtune.optim import AdamW
-
+    folded = v["moments"] == "bf16"
+    if folded:
         opt = AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=torch.bfloat16)
     else:
-        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
     cfg = OmegaConf.structured(TrainConfig)
     lm = DiffusionLM(model=model, tokenizer=None, mask_token_id=MASK_ID % shape["vocab_size"], shift=True)
     g = torch.Generator(device=device).manual_seed(0)
     rows = make_rows(B, L, shape["vocab_size"], torch.Generator().manual_seed(1))
     batch = collate(rows, max_length=L, pad_id=0).to(device)
+    marks = None  # phase -> peak GiB since the step began, in the instrumented last step
+
+    def mark(phase):
+        if cuda and marks is not None:
+            torch.cuda.synchronize()
+            marks[phase] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     def step():
         with ctx:
@@ -185,18 +217,30 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
                 loss = naive_loss(model, batch, lm.mask_token_id, g)
             else:
                 loss, _, _ = forward_loss(lm, batch, cfg, g)
+        mark("forward")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        mark("backward")
+        if folded:  # what train.py does with optim.state_dtype=bfloat16
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            opt.step(grad_scale=clip_coefficient(norm.full_tensor() if hasattr(norm, "full_tensor") else norm, 1.0))
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        mark("optimizer")
         opt.zero_grad(set_to_none=True)
 
     try:
         times = time_steps(step, warmup, iters, device)
         med = sorted(times)[len(times) // 2]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         tok = B * L
         res = {"variant": name, "shape": f"{B}x{L}", "params": n, "step_s": med, "tokens_per_s": tok / med,
                "mfu": flops_per_token(n, shape, L) * tok / med / PEAK_FLOPS, "peak_gib": peak, "times": times}
+        if cuda:  # one more step, with the peak read after each phase: where the peak is
+            marks = {"before_step": round(torch.cuda.memory_allocated() / 2**30, 2)}
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            res["peak_by_phase_gib"] = marks
     except torch.cuda.OutOfMemoryError:
         res = {"variant": name, "shape": f"{B}x{L}", "params": n, "error": "out of memory",
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -277,8 +321,8 @@ def main() -> None:
     print(f"# {results['device']}, torch {torch.__version__}", flush=True)
     for B, L in shapes:
         for name in [v for v in only if v != "packing"]:
-            if name in ("full-compile", "full-fast", "full-fsdp1") and device.type != "cuda":
-                continue
+            if name != "naive" and name not in VARIANTS:
+                raise SystemExit(f"unknown variant {name!r}; choose from naive, packing, {', '.join(VARIANTS)}")
             if (B, L) == (1, 8192) and name in ("naive", "full-compile") and not a.tiny:
                 continue  # the 8k shape is measured for dreamtune's paths only, to keep the call short
             t0 = time.time()
@@ -292,12 +336,15 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'variant':<14}{'shape':<9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}")
+    print(f"\n{'variant':<16}{'shape':<9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  peak after fwd/bwd/opt")
     for r in results["runs"]:
         if "error" in r:
-            print(f"{r['variant']:<14}{r['shape']:<9}{'OOM':>8}{'':>10}{'':>7}{r['peak_gib']:>10.1f}")
+            print(f"{r['variant']:<16}{r['shape']:<9}{'OOM':>8}{'':>10}{'':>7}{r['peak_gib']:>10.1f}")
         else:
-            print(f"{r['variant']:<14}{r['shape']:<9}{r['step_s']:>8.3f}{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}{r['peak_gib']:>10.1f}")
+            ph = r.get("peak_by_phase_gib", {})
+            phases = "/".join(str(ph.get(k, "-")) for k in ("forward", "backward", "optimizer"))
+            print(f"{r['variant']:<16}{r['shape']:<9}{r['step_s']:>8.3f}{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}"
+                  f"{r['peak_gib']:>10.1f}  {phases}")
     if "packing" in results:
         p = results["packing"]
         print(f"packing: padded {p['padded']['useful_tokens_per_s']:,.0f} vs packed {p['packed']['useful_tokens_per_s']:,.0f} "

@@ -38,27 +38,34 @@ class _WeightedLinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, targets, coef, chunk, focal):
         # h [N, H], weight [V, H], targets [N], coef [N] (per-token weight / N)
         dt = _matmul_dtype(h)
-        ce = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        ce = torch.empty_like(lse)
         w = weight.to(dt)
         for s in range(0, h.shape[0], chunk):
-            logits = (h[s:s + chunk].to(dt) @ w.T).float()  # [c, V]
-            ce[s:s + chunk] = torch.logsumexp(logits, -1) - logits.gather(1, targets[s:s + chunk, None])[:, 0]
+            logits = (h[s:s + chunk].to(dt) @ w.T).float()  # [c, V]; the bf16 product is freed here
+            target_logit = logits.gather(1, targets[s:s + chunk, None])[:, 0]
+            top = logits.amax(-1)  # [c]
+            # log-sum-exp in place: one float32 [c, V] buffer alive, not three (torch.logsumexp's temporaries)
+            lse[s:s + chunk] = logits.sub_(top[:, None]).exp_().sum(-1).log_() + top
+            ce[s:s + chunk] = lse[s:s + chunk] - target_logit
+            del logits
         f, df = _focal_value_and_slope(ce, focal)
-        ctx.save_for_backward(h, weight, targets, coef * df)
+        ctx.save_for_backward(h, weight, targets, coef * df, lse)
         ctx.chunk = chunk
         ctx.dtype = dt  # backward runs outside autocast: keep the forward's matmul dtype (bf16, not fp32)
         return (f * coef).sum(), ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        h, weight, targets, slope = ctx.saved_tensors
+        h, weight, targets, slope, lse = ctx.saved_tensors
         dt = ctx.dtype
         w = weight.to(dt)
         dh = torch.empty_like(h)
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             hc = h[s:s + ctx.chunk].to(dt)
-            g = torch.softmax((hc @ w.T).float(), -1)  # [c, V]
+            # softmax from the forward's log-sum-exp, in place in one float32 [c, V] buffer
+            g = (hc @ w.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_()  # [c, V]
             g[torch.arange(g.shape[0], device=g.device), targets[s:s + ctx.chunk]] -= 1
             g.mul_((slope[s:s + ctx.chunk] * grad_loss)[:, None])
             g = g.to(dt)
@@ -69,8 +76,10 @@ class _WeightedLinearCE(torch.autograd.Function):
 
 
 def weighted_linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                       focal: tuple[float, float] | None = None, chunk: int = 1024):
-    """(sum_i weights_i f(CE_i) / N, CE [N] detached). h [N, H]; weight [V, H]; targets, weights [N]."""
+                       focal: tuple[float, float] | None = None, chunk: int = 256):
+    """(sum_i weights_i f(CE_i) / N, CE [N] detached). h [N, H]; weight [V, H]; targets, weights [N].
+    chunk: rows per matmul. 256 keeps a chunk's float32 logits at 156 MB for Dream's vocabulary (the LoRA
+    step's peak memory includes it) while the [256, H] x [H, V] product stays compute-bound on a GPU."""
     n = targets.numel()
     if n == 0:
         zero = h.sum() * 0.0 + weight.sum() * 0.0

@@ -7,6 +7,10 @@ rounded back), as DeepSeek-V3 trains (its report: "BF16 ... to track the first a
 AdamW optimizer, without incurring observable performance degradation"). The arithmetic is torch.optim.AdamW's
 (decoupled weight decay, bias corrections, eps added after the square root); with state_dtype=float32 it
 matches torch's AdamW (tested). On a GPU the per-parameter update is one torch.compile'd kernel.
+
+Gradient clipping is folded into that kernel: `step(grad_scale=clip_coefficient(norm, max_norm))` scales each
+gradient as it is read, instead of a separate pass that reads and writes every fp32 gradient (30 GB each
+way for a 7.6B model, ~15 ms of an H200 step) as `torch.nn.utils.clip_grad_norm_` does.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import warnings
 import torch
 
 
-def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
-                  step_size: torch.Tensor, bc2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> None:
+def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad_scale: torch.Tensor,
+                  lr: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> None:
     """One AdamW update of p in place (fp32 maths; m and v are read and written back in their own dtype).
-    lr, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t): 0-dim fp32 tensors (no recompiles)."""
-    g = g.float()
+    grad_scale (the clipping coefficient), lr, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t):
+    0-dim fp32 tensors (no recompiles)."""
+    g = g.float() * grad_scale
     m32 = m.float().lerp_(g, 1 - beta1)
     v32 = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
     p.mul_(1 - lr * weight_decay)
@@ -40,6 +45,11 @@ def check_betas(betas, state_dtype) -> None:
         raise ValueError(f"optim.betas {list(betas)} with optim.state_dtype=bfloat16: a beta above {MAX_BF16_BETA} "
                          f"cannot decay a bf16 moment; use betas <= {MAX_BF16_BETA} (Dream: [0.9, 0.95]) or "
                          f"optim.state_dtype=float32")
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor torch.nn.utils.clip_grad_norm_ multiplies the gradients by: min(1, max_norm / (norm + 1e-6))."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 CHUNK = 1 << 24  # elements per eager update: its fp32 temporaries stay ~64 MB each, not 2 GB for an embedding
@@ -96,8 +106,10 @@ class AdamW(torch.optim.Optimizer):
                                  else v.to(device=p.device, dtype=self.state_dtype)) for k, v in st.items()}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+        """One update; grad_scale (a 0-dim tensor, e.g. clip_coefficient(...)) multiplies every gradient."""
         assert closure is None, "closures are not supported"
+        scale_at = {}  # device -> grad_scale there, as a 0-dim fp32 tensor
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             scalars_at = {}  # (step, device) -> [lr, lr / (1 - beta1^t), sqrt(1 - beta2^t)] on the device, made once
@@ -115,7 +127,10 @@ class AdamW(torch.optim.Optimizer):
                 if (t, pl.device) not in scalars_at:
                     scalars_at[t, pl.device] = [torch.tensor(x, dtype=torch.float32, device=pl.device) for x in
                                                 (group["lr"], group["lr"] / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)]
-                scalars = scalars_at[t, pl.device]
+                if pl.device not in scale_at:
+                    scale_at[pl.device] = (torch.ones((), device=pl.device) if grad_scale is None else
+                                           grad_scale.detach().to(device=pl.device, dtype=torch.float32).reshape(()))
+                scalars = [scale_at[pl.device], *scalars_at[t, pl.device]]
                 tensors = [pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
                 if all(x.is_contiguous() for x in tensors):  # 1-D views: one compiled kernel serves every shape
                     tensors = [x.view(-1) for x in tensors]

@@ -24,7 +24,7 @@ import torch
 from dreamtune import distributed as D
 from dreamtune.config import load_config, split_argv, to_yaml
 from dreamtune.monitor import LOG, Monitor, setup_logging
-from dreamtune.optim import AdamW
+from dreamtune.optim import AdamW, clip_coefficient
 
 MIN_STEPS_WARNING = 20
 
@@ -278,8 +278,8 @@ def train(cfg) -> Path:
                     loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
                 (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
                 totals += torch.tensor([loss.item(), ce.item(), n_masked, batch.n_tokens], device=dev.device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
             D.all_reduce_sum(totals)
             loss_val = float(totals[0]) / (plan["grad_accum"] * dev.world)
             if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)):
@@ -287,7 +287,11 @@ def train(cfg) -> Path:
                     f"loss is {loss_val} (grad norm {float(grad_norm)}) at step {step + 1}; stopping. The last good "
                     f"checkpoint is kept in {run_dir}; lower optim.lr or check the data, then resume")
             lr_used = sched.get_last_lr()[0]
-            opt.step()
+            if isinstance(opt, AdamW):  # clipping folded into the update: one pass over the gradients fewer
+                opt.step(grad_scale=clip_coefficient(grad_norm, cfg.optim.clip_grad))
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.time() - t0

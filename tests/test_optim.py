@@ -67,3 +67,25 @@ def test_bf16_moments_refuse_a_beta_too_close_to_one():
     assert (x.float() * 0.999).to(torch.bfloat16) == x
     with pytest.raises(ValueError, match="cannot decay"):
         AdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.999))
+
+
+def test_folded_clipping_equals_clip_grad_norm_then_step():
+    """step(grad_scale=clip_coefficient(norm, c)) gives what clip_grad_norm_(c) and then step() give."""
+    from dreamtune.optim import clip_coefficient
+
+    ours, grads = params_and_grads(3)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_a = AdamW(ours, lr=1e-2, state_dtype=torch.float32)
+    opt_b = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, foreach=False)
+    clipped = 0
+    for step_grads in grads:
+        for a, b, gr in zip(ours, ref, step_grads):
+            a.grad, b.grad = gr.clone() * 3, gr.clone() * 3  # norms ~ 10: clipped to 1
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ours])
+        clipped += bool(clip_coefficient(norm, 1.0) < 1)
+        opt_a.step(grad_scale=clip_coefficient(norm, 1.0))
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt_b.step()
+    assert clipped == len(grads)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
