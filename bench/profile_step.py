@@ -1,9 +1,13 @@
-"""Where a 7B training step's time goes: torch.profiler over dreamtune's full fine-tune step (the
-`full` variant of bench/train_step.py: AC every layer, masked-only logits, fused AdamW) at 2 x 2048.
+"""Where a 7B training step's time goes: torch.profiler over one variant of bench/train_step.py
+(default `full-lean-noac`: compiled layers, no checkpointing, bf16 AdamW moments) at 2 x 2048.
 
-    python bench/profile_step.py        # one GPU; prints the top CUDA kernels and writes $OUT/profile.txt
+    python bench/profile_step.py [--variant full] [--shape 2x2048]   # one GPU; $OUT/profile_<variant>.txt
+    python bench/profile_step.py --tiny                              # a CPU smoke run
+
+Prints the CUDA kernels that take the most time (CPU ops with --tiny), after two warm-up steps.
 """
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,48 +17,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import DREAM7B, MASK_ID, TrainConfig, build, collate, forward_loss, make_rows  # noqa: E402
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from dreamtune import distributed as D  # noqa: E402
-from dreamtune.models import DiffusionLM  # noqa: E402
+from train_step import DREAM7B, TINY, setup_variant  # noqa: E402
 
 
 def main() -> None:
-    dev = torch.device("cuda")
-    model = build(DREAM7B, dev)
-    D.apply_activation_checkpointing(model, 1)
-    model.train()
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
-    lm = DiffusionLM(model=model, tokenizer=None, mask_token_id=MASK_ID, shift=True)
-    cfg = OmegaConf.structured(TrainConfig)
-    batch = collate(make_rows(2, 2048, DREAM7B["vocab_size"], torch.Generator().manual_seed(1)), max_length=2048, pad_id=0).to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _, _ = forward_loss(lm, batch, cfg, g)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="full-lean-noac")
+    ap.add_argument("--shape", default="2x2048")
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    dev = torch.device("cpu" if a.tiny else "cuda")
+    B, L = (2, 32) if a.tiny else (int(x) for x in a.shape.split("x"))
+    step, _, _ = setup_variant(a.variant, TINY if a.tiny else DREAM7B, B, L, dev)
+    for _ in range(2):
+        step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    activity = ProfilerActivity.CPU if a.tiny else ProfilerActivity.CUDA
+    with profile(activities=[activity]) as prof:
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    print(table)
+        sync()
+    sort = "cpu_time_total" if a.tiny else "cuda_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    print(f"# {a.variant} at {B}x{L}, two steps\n{table}")
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.txt").write_text(table)
+    (out / f"profile_{a.variant}_{B}x{L}.txt").write_text(f"# {a.variant} at {B}x{L}, two steps\n{table}")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ memory. Variants:
             maths, one compiled kernel per parameter, gradient clipping folded into it): 12 bytes per
             parameter instead of 16.
   full-lean-noac  full-lean without checkpointing: the 28 GiB the bf16 moments free hold the activations.
+  full-lean-budget  full-lean-noac with torch._functorch.config.activation_memory_budget = 0.5: the
+            compiler recomputes the cheapest ops in the backward instead of saving them.
   lora      peft LoRA r16 on all linear layers, bf16 frozen base, checkpointing: dreamtune's LoRA step.
   lora-lean  lora with the adapters' AdamW moments in bf16 (40M adapter parameters: 0.3 GiB less).
   lora-compile  lora-lean with compiled layers (fused elementwise work saves fewer activations).
   packing   useful (non-pad) tokens/s, packed rows (flex_attention, document block mask) vs rows padded to
             max_length (Dream's default), over a spread of lengths like s1K questions + solutions.
-Each run also reports peak_by_phase_gib: the peak after the forward, the backward and the optimizer step
-of one instrumented step (where the peak is). Prints a table and writes JSON ($OUT/train_step.json when
+Each run also reports peak_by_phase_gib and time_by_phase_s: the peak memory and the clock (cumulative)
+after the forward, the backward and the optimizer step of one instrumented step. Prints a table and writes JSON ($OUT/train_step.json when
 $OUT is set).
 """
 
@@ -149,21 +151,24 @@ VARIANTS = {
     "full-fsdp1": dict(compile=True, ac=2, moments="fp32", fsdp=True),
     "full-lean": dict(compile=True, ac=2, moments="bf16"),
     "full-lean-noac": dict(compile=True, ac=0, moments="bf16"),
+    # the compiler's partitioner recomputes cheap ops (weight casts first) to keep half the activations
+    "full-lean-budget": dict(compile=True, ac=0, moments="bf16", budget=0.5),
     "lora": dict(compile=False, ac=1, moments="fp32", lora=True),
     "lora-lean": dict(compile=False, ac=1, moments="bf16", lora=True),
     "lora-compile": dict(compile=True, ac=1, moments="bf16", lora=True),
 }
 
 
-def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, iters: int) -> dict:
+def setup_variant(name: str, shape: dict, B: int, L: int, device):
+    """(step, n_params, phases): one training step of the variant as a closure over its model, optimizer
+    and batch; phases (a dict or None) collects the peak memory and time after each phase of a step."""
     from dreamtune import distributed as D
     from dreamtune.optim import AdamW, clip_coefficient
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     v = VARIANTS.get(name, dict(compile=False, ac=1, moments="fp32"))  # naive: checkpointing, torch AdamW
     cuda = device.type == "cuda"
+    torch._dynamo.reset()  # no compiled graph from an earlier variant (another memory budget) is reused
+    torch._functorch.config.activation_memory_budget = v.get("budget", 1.0)
     lora = v.get("lora", False)
     model = build(shape, device, dtype=torch.bfloat16 if lora and cuda else torch.float32)
     if cuda:  # the peak of building (fp32 before the bf16 cast) is not the step's
@@ -204,14 +209,17 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
     g = torch.Generator(device=device).manual_seed(0)
     rows = make_rows(B, L, shape["vocab_size"], torch.Generator().manual_seed(1))
     batch = collate(rows, max_length=L, pad_id=0).to(device)
-    marks = None  # phase -> peak GiB since the step began, in the instrumented last step
+    phases = {"on": False}
 
     def mark(phase):
-        if cuda and marks is not None:
+        if cuda and phases["on"]:
             torch.cuda.synchronize()
-            marks[phase] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            phases[phase] = (round(torch.cuda.max_memory_allocated() / 2**30, 2), round(time.perf_counter() - phases["t0"], 4))
 
     def step():
+        if cuda and phases["on"]:
+            torch.cuda.synchronize()
+            phases["t0"] = time.perf_counter()
         with ctx:
             if name == "naive":
                 loss = naive_loss(model, batch, lm.mask_token_id, g)
@@ -229,18 +237,28 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
         mark("optimizer")
         opt.zero_grad(set_to_none=True)
 
+    return step, n, phases
+
+
+def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, iters: int) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step, n, phases = setup_variant(name, shape, B, L, device)
     try:
         times = time_steps(step, warmup, iters, device)
         med = sorted(times)[len(times) // 2]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         tok = B * L
         res = {"variant": name, "shape": f"{B}x{L}", "params": n, "step_s": med, "tokens_per_s": tok / med,
                "mfu": flops_per_token(n, shape, L) * tok / med / PEAK_FLOPS, "peak_gib": peak, "times": times}
-        if cuda:  # one more step, with the peak read after each phase: where the peak is
-            marks = {"before_step": round(torch.cuda.memory_allocated() / 2**30, 2)}
+        if device.type == "cuda":  # one more step, reading the peak and the clock after each phase
+            before = round(torch.cuda.memory_allocated() / 2**30, 2)
             torch.cuda.reset_peak_memory_stats()
+            phases["on"] = True
             step()
-            res["peak_by_phase_gib"] = marks
+            res["peak_by_phase_gib"] = {"before_step": before, **{k: phases[k][0] for k in ("forward", "backward", "optimizer")}}
+            res["time_by_phase_s"] = {k: phases[k][1] for k in ("forward", "backward", "optimizer")}  # cumulative
     except torch.cuda.OutOfMemoryError:
         res = {"variant": name, "shape": f"{B}x{L}", "params": n, "error": "out of memory",
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -336,14 +354,16 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'variant':<16}{'shape':<9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  peak after fwd/bwd/opt")
+    print(f"\n{'variant':<18}{'shape':<9}{'step s':>8}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  peak after fwd/bwd/opt  s at")
     for r in results["runs"]:
         if "error" in r:
-            print(f"{r['variant']:<16}{r['shape']:<9}{'OOM':>8}{'':>10}{'':>7}{r['peak_gib']:>10.1f}")
+            print(f"{r['variant']:<18}{r['shape']:<9}{'OOM':>8}{'':>10}{'':>7}{r['peak_gib']:>10.1f}")
         else:
             ph = r.get("peak_by_phase_gib", {})
-            phases = "/".join(str(ph.get(k, "-")) for k in ("forward", "backward", "optimizer"))
-            print(f"{r['variant']:<16}{r['shape']:<9}{r['step_s']:>8.3f}{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}"
+            tp = r.get("time_by_phase_s", {})
+            phases = ("/".join(str(ph.get(k, "-")) for k in ("forward", "backward", "optimizer")) + "  "
+                      + "/".join(str(tp.get(k, "-")) for k in ("forward", "backward", "optimizer")))
+            print(f"{r['variant']:<18}{r['shape']:<9}{r['step_s']:>8.3f}{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}"
                   f"{r['peak_gib']:>10.1f}  {phases}")
     if "packing" in results:
         p = results["packing"]

@@ -26,7 +26,17 @@ def run(opt_cls, steps_grads, params, **kw):
     return opt
 
 
-def test_float32_state_is_torch_adamw():
+@pytest.fixture(params=["foreach", "per-tensor"])
+def path(request, monkeypatch):
+    """Both update paths: small tensors batched by torch._foreach ops, large ones one call each."""
+    import dreamtune.optim as O
+
+    if request.param == "per-tensor":
+        monkeypatch.setattr(O, "FOREACH_MAX", 0)
+    return request.param
+
+
+def test_float32_state_is_torch_adamw(path):
     ours, grads = params_and_grads()
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     run(AdamW, grads, ours, state_dtype=torch.float32)
@@ -40,6 +50,7 @@ def test_chunked_update_equals_whole(monkeypatch):
 
     whole, grads = params_and_grads(2)
     chunked = [torch.nn.Parameter(p.detach().clone()) for p in whole]
+    monkeypatch.setattr(O, "FOREACH_MAX", 0)
     run(AdamW, grads, whole, state_dtype=torch.bfloat16)
     monkeypatch.setattr(O, "CHUNK", 4)  # every parameter of 5+ elements is updated in slices of 4
     run(AdamW, grads, chunked, state_dtype=torch.bfloat16)
@@ -47,7 +58,24 @@ def test_chunked_update_equals_whole(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_bfloat16_state_is_stored_in_bf16_and_stays_close():
+def test_foreach_batches_equal_per_tensor_updates(monkeypatch):
+    """The batched path does the per-tensor arithmetic exactly, with bf16 moments, across batch limits."""
+    import dreamtune.optim as O
+
+    a, grads = params_and_grads(4)
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    c = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = run(AdamW, grads, a, state_dtype=torch.bfloat16)
+    monkeypatch.setattr(O, "CHUNK", 40)  # a batch is flushed once it holds 40+ elements: several batches
+    run(AdamW, grads, c, state_dtype=torch.bfloat16)
+    monkeypatch.setattr(O, "FOREACH_MAX", 0)
+    opt_b = run(AdamW, grads, b, state_dtype=torch.bfloat16)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+        assert torch.equal(opt_a.state[x]["exp_avg_sq"], opt_b.state[y]["exp_avg_sq"])
+
+
+def test_bfloat16_state_is_stored_in_bf16_and_stays_close(path):
     ours, grads = params_and_grads(1)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
@@ -69,7 +97,7 @@ def test_bf16_moments_refuse_a_beta_too_close_to_one():
         AdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.999))
 
 
-def test_folded_clipping_equals_clip_grad_norm_then_step():
+def test_folded_clipping_equals_clip_grad_norm_then_step(path):
     """step(grad_scale=clip_coefficient(norm, c)) gives what clip_grad_norm_(c) and then step() give."""
     from dreamtune.optim import clip_coefficient
 
