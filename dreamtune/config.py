@@ -84,6 +84,7 @@ class ModelConfig:
     dtype: str = "bf16"  # compute dtype on GPU (weights and optimizer stay fp32); CPU always runs fp32
     attn_implementation: str = "sdpa"
     compile: bool = False  # torch.compile each decoder layer (GPU)
+    offload_embeddings: bool = False  # LoRA on one GPU: the frozen input embeddings stay in CPU memory (1 GiB for 7B)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -281,6 +282,9 @@ def validate(cfg) -> None:
         check_betas(list(cfg.optim.betas), torch.bfloat16)
     if cfg.model.lora_rank < 0:
         raise ValueError(f"bad value for 'model.lora_rank': {cfg.model.lora_rank} (0 = off, or a positive rank)")
+    if cfg.model.offload_embeddings and cfg.model.lora_rank == 0:
+        raise ValueError("model.offload_embeddings=true keeps a frozen embedding table in CPU memory; it needs LoRA "
+                         "(set model.lora_rank, e.g. 16) or model.offload_embeddings=false")
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty; set data.train_files=path/to/train.parquet")
     if cfg.trainer.total_training_steps is not None and cfg.trainer.total_training_steps <= 0:

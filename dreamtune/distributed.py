@@ -94,6 +94,24 @@ def apply_compile(model: torch.nn.Module) -> None:
         layer.compile()
 
 
+def offload_input_embeddings(model: torch.nn.Module) -> None:
+    """Keep a frozen input-embedding table in CPU memory and look tokens up there (LoRA on a small GPU:
+    Dream-7B's 152k x 3584 bf16 table is 1.0 GiB). Call after the model is on its device: the ids go to
+    the CPU, the [B, L, H] embeddings (29 MB at 2 x 2048) come back. State-dict keys are unchanged."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    if emb.weight.requires_grad:
+        raise ValueError("model.offload_embeddings=true needs a frozen embedding table: use it with LoRA "
+                         "(model.lora_rank > 0), or set model.offload_embeddings=false")
+    if head is not None and head.weight is emb.weight:
+        raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
+                         "output head needs the table on the GPU; set model.offload_embeddings=false")
+    device = emb.weight.device
+    emb.to("cpu")
+    emb.register_forward_pre_hook(lambda _m, args: (args[0].cpu(), *args[1:]))
+    emb.register_forward_hook(lambda _m, _args, out: out.to(device))
+
+
 def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
                cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2 over a transformers *ForCausalLM (possibly inside a peft wrapper). fp32 master weights and

@@ -65,7 +65,7 @@ def adamw_update_chunked_(p, g, m, v, *rest) -> None:
         adamw_update_(*(t[s:s + CHUNK] for t in flat), *rest)
 
 
-FOREACH_MAX = 1 << 20  # parameters up to this many elements are updated in batches by adamw_foreach_
+FOREACH_MAX = 1 << 22  # parameters up to this many elements (a 7B model's k/v projections) go to adamw_foreach_
 
 
 def adamw_foreach_(ps: list, gs: list, ms: list, vs: list, grad_scale, lr, step_size, bc2_sqrt, beta1: float,

@@ -241,6 +241,11 @@ def train(cfg) -> Path:
     else:
         model.to(dev.device)
         ctx = torch.autocast("cuda", dtype=compute_dtype) if compute_dtype else nullcontext()
+    if cfg.model.offload_embeddings:
+        if dev.enabled:
+            raise ValueError("model.offload_embeddings=true is for one GPU; under torchrun FSDP2 shards the table "
+                             "already (model.fsdp_config.cpu_offload=true moves every parameter to the CPU)")
+        D.offload_input_embeddings(model)
     lm.model = model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -66,6 +66,7 @@ def test_yaml_recipes_load():
     ("data.train_batch_size=0", "data.train_batch_size"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("no_equals_sign", "key=value"),
+    ("model.offload_embeddings=true", "model.lora_rank"),
 ])
 def test_bad_overrides_name_the_key(override, fragment, capsys):
     assert cli(["train", "--dry-run", override]) == 2

@@ -81,7 +81,7 @@ def test_lora_trains_only_adapters(tiny_model_dir, sft_data, tmp_path):
     run = tmp_path / "lora"
     assert cli(["train", *base_args(tiny_model_dir, sft_data, run, "trainer.total_epochs=2", "model.lora_rank=4",
                                      "model.lora_alpha=8", "trainer.save_checkpoint_steps=5",
-                                     "trainer.export_dream=true")]) == 0
+                                     "trainer.export_dream=true", "model.offload_embeddings=true")]) == 0
     dream = json.loads((run / "checkpoint-final-dream" / "config.json").read_text())
     assert dream["model_type"] == "Dream" and dream["architectures"] == ["DreamModel"]
     state = dcp_state(run / "checkpoint-12")
@@ -92,6 +92,29 @@ def test_lora_trains_only_adapters(tiny_model_dir, sft_data, tmp_path):
     changed = {k for k in before if not torch.equal(before[k].to(torch.bfloat16), after[k])}
     assert changed and all(k.endswith(("proj.weight",)) for k in changed), changed  # linear layers only
     assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
+
+
+def test_offloaded_embeddings_give_the_same_forward():
+    """offload_input_embeddings keeps keys and outputs; it refuses a trained or a tied table."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dreamtune.distributed import offload_input_embeddings
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    model = get_peft_model(Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=False)),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(64, (2, 9))
+    keys, ref = list(model.state_dict()), model(input_ids=ids).logits
+    offload_input_embeddings(model)
+    assert list(model.state_dict()) == keys and torch.equal(model(input_ids=ids).logits, ref)
+    with pytest.raises(ValueError, match="frozen"):
+        offload_input_embeddings(Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=False)))
+    tied = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True)).requires_grad_(False)
+    with pytest.raises(ValueError, match="ties"):
+        offload_input_embeddings(tied)
 
 
 def test_exact_resume_after_kill(tiny_model_dir, sft_data, tmp_path):
