@@ -136,8 +136,9 @@ def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top
                     h = h[:, len(cached):]  # [B, W, H]
                 else:
                     kv_keys = None if keys is None else keys[:, torch.cat([cached, window])]
-                    # the prefix cache's window shrinks block by block: a graph would serve one block only
-                    h = run(x[:, window], pos[:, window], kv_keys, kv, False, dual_cache)  # [B, W, H]
+                    # the prefix cache's window shrinks block by block, so its graph serves one block
+                    # (captured at the block's second step); still faster than eager at 8 steps a block
+                    h = run(x[:, window], pos[:, window], kv_keys, kv, False)  # [B, W, H]
                 h_block = h[:, 1 - shift:1 - shift + end - start]  # window index 0 is column start - 1
             first = False
             nfe += 1
