@@ -60,7 +60,9 @@ def main() -> None:
 def idle_report(prof, min_gap_us: float = 10.0) -> str:
     """GPU idle time between consecutive kernels (gaps of min_gap_us or more), by phase and kernel pair."""
     events = prof.events()
-    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+    # kernels and copies only: the phase:* labels also appear as GPU-side ranges spanning a whole phase
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.is_user_annotation and not e.name.startswith(("phase:", "Optimizer.step", "##"))),
                      key=lambda e: e.time_range.start)
     phases = sorted(((e.time_range.start, e.time_range.end, e.name[6:]) for e in events
                      if e.name.startswith("phase:") and e.device_type == torch.autograd.DeviceType.CPU))

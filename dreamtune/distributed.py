@@ -100,9 +100,10 @@ def offload_input_embeddings(model: torch.nn.Module) -> None:
     the CPU, the [B, L, H] embeddings (29 MB at 2 x 2048) come back. State-dict keys are unchanged."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
-    if emb.weight.requires_grad:
-        raise ValueError("model.offload_embeddings=true needs a frozen embedding table: use it with LoRA "
-                         "(model.lora_rank > 0), or set model.offload_embeddings=false")
+    if not isinstance(emb, torch.nn.Embedding) or any(p.requires_grad for p in emb.parameters()):
+        raise ValueError("model.offload_embeddings=true needs a frozen, plain embedding table: use it with LoRA "
+                         "(model.lora_rank > 0) whose target_modules leave out embed_tokens, or set "
+                         "model.offload_embeddings=false")
     if head is not None and head.weight is emb.weight:
         raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
                          "output head needs the table on the GPU; set model.offload_embeddings=false")

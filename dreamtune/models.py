@@ -66,7 +66,12 @@ class DiffusionLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model computes: the device of a parameter other than the input embeddings (which
+        model.offload_embeddings keeps in CPU memory)."""
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        skip = {id(p) for p in emb.parameters()} if emb is not None else set()
+        return next((p.device for p in self.model.parameters() if id(p) not in skip),
+                    next(self.model.parameters()).device)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None) -> torch.Tensor:
         """Final-norm hidden states [B, L, H]. A 2-D 0/1 `attention_mask` marks pads (left padding):

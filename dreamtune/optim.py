@@ -70,10 +70,11 @@ FOREACH_MAX = 1 << 22  # parameters up to this many elements (a 7B model's k/v p
 
 def adamw_foreach_(ps: list, gs: list, ms: list, vs: list, grad_scale, lr, step_size, bc2_sqrt, beta1: float,
                    beta2: float, eps: float, weight_decay: float) -> None:
-    """adamw_update_ over lists of tensors with torch._foreach ops: the same operations in the same order
-    (equal results), a few kernels for the whole list instead of one call per tensor."""
+    """adamw_update_ over lists of tensors with torch._foreach ops: the same arithmetic in the same order (equal
+    to the eager per-tensor update, tested; the compiled one on a GPU may fuse differently in the last bit),
+    a few kernels for the whole list instead of one call per tensor."""
     g = torch._foreach_mul([x.float() for x in gs], grad_scale)
-    m32 = [x.float() for x in ms]  # float32 moments: the state tensors themselves, updated in place
+    m32 = [x.float() for x in ms]  # with float32 state these are the state tensors themselves, updated in place
     v32 = [x.float() for x in vs]
     torch._foreach_lerp_(m32, g, 1 - beta1)
     torch._foreach_mul_(v32, beta2)
@@ -138,8 +139,8 @@ class AdamW(torch.optim.Optimizer):
         of Python and launch overhead: 60 ms a step for LoRA's 392 adapter matrices."""
         assert closure is None, "closures are not supported"
         scale_at = {}  # device -> grad_scale there, as a 0-dim fp32 tensor
-        small = {}  # (device, scalars' id) -> [[p], [g], [m], [v]] with the shared scalar arguments
-        for group in self.param_groups:
+        small = {}  # (device, group index, step) -> ([[p], [g], [m], [v]], scalar tensors, [elements])
+        for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             hyper = (beta1, beta2, group["eps"], group["weight_decay"])
             scalars_at = {}  # (step, device) -> [lr, lr / (1 - beta1^t), sqrt(1 - beta2^t)] on the device, made once
@@ -159,16 +160,17 @@ class AdamW(torch.optim.Optimizer):
                                                 (group["lr"], group["lr"] / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5)]
                 if pl.device not in scale_at:
                     scale_at[pl.device] = (torch.ones((), device=pl.device) if grad_scale is None else
-                                           grad_scale.detach().to(device=pl.device, dtype=torch.float32).reshape(()))
+                                           torch.as_tensor(grad_scale).detach().to(device=pl.device,
+                                                                                   dtype=torch.float32).reshape(()))
                 scalars = [scale_at[pl.device], *scalars_at[t, pl.device]]
                 tensors = [pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
                 if pl.numel() <= FOREACH_MAX:
-                    key = (pl.device, id(scalars_at[t, pl.device]), hyper)
+                    key = (pl.device, gi, t)  # one batch shares its group's lr and its step's bias corrections
                     lists, _, total = small.setdefault(key, ([[], [], [], []], scalars, [0]))
                     for lst, x in zip(lists, tensors):
                         lst.append(x)
                     total[0] += pl.numel()
-                    if total[0] >= CHUNK:  # bound the float32 temporaries of one foreach batch
+                    if total[0] >= CHUNK:  # bound the float32 temporaries of a batch (< CHUNK + FOREACH_MAX elements)
                         adamw_foreach_(*lists, *scalars, *hyper)
                         del small[key]
                     continue
@@ -186,6 +188,7 @@ class AdamW(torch.optim.Optimizer):
                                   stacklevel=2)
                     self._update = adamw_update_chunked_
                     adamw_update_chunked_(*args)
-        for (_, _, hyper), (lists, scalars, _) in small.items():
-            adamw_foreach_(*lists, *scalars, *hyper)
+        for (_, gi, _), (lists, scalars, _) in small.items():
+            group = self.param_groups[gi]
+            adamw_foreach_(*lists, *scalars, *group["betas"], group["eps"], group["weight_decay"])
         return None

@@ -195,6 +195,12 @@ def train(cfg) -> Path:
     if lm.tokenizer is None:
         raise ValueError(f"{cfg.model.partial_pretrain} has no tokenizer files; training needs one to render the data")
     pad_id = cfg.data.pad_token_id if cfg.data.pad_token_id is not None else lm.tokenizer.pad_token_id
+    if cfg.model.offload_embeddings and dev.enabled:
+        raise ValueError("model.offload_embeddings=true is for one GPU; under torchrun FSDP2 shards the table "
+                         "already (model.fsdp_config.cpu_offload=true moves every parameter to the CPU)")
+    if cfg.model.offload_embeddings and lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight:
+        raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
+                         "output head needs the table on the GPU; set model.offload_embeddings=false")
 
     # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
     train_ex = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
@@ -242,9 +248,6 @@ def train(cfg) -> Path:
         model.to(dev.device)
         ctx = torch.autocast("cuda", dtype=compute_dtype) if compute_dtype else nullcontext()
     if cfg.model.offload_embeddings:
-        if dev.enabled:
-            raise ValueError("model.offload_embeddings=true is for one GPU; under torchrun FSDP2 shards the table "
-                             "already (model.fsdp_config.cpu_offload=true moves every parameter to the CPU)")
         D.offload_input_embeddings(model)
     lm.model = model
     model.train()

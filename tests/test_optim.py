@@ -117,3 +117,30 @@ def test_folded_clipping_equals_clip_grad_norm_then_step(path):
     assert clipped == len(grads)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_param_groups_keep_their_own_lr_in_batches():
+    """Small tensors are batched per parameter group: a group's lr never leaks into another's batch."""
+    import dreamtune.optim as O
+
+    def two_groups():
+        g = torch.Generator().manual_seed(5)
+        return [torch.nn.Parameter(torch.randn(4, 3, generator=g)) for _ in range(4)]
+
+    results = []
+    for foreach_max in (O.FOREACH_MAX, 0):
+        ps = two_groups()
+        opt = AdamW([{"params": ps[:2], "lr": 1e-1}, {"params": ps[2:], "lr": 1e-4}], state_dtype=torch.bfloat16)
+        start = [p.detach().clone() for p in ps]
+        O.FOREACH_MAX, saved = foreach_max, O.FOREACH_MAX
+        try:
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.ones_like(p)
+                opt.step(grad_scale=0.5)  # a Python float is accepted too
+        finally:
+            O.FOREACH_MAX = saved
+        results.append([p.detach() - s for p, s in zip(ps, start)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][2].abs().max() < 1e-3 < results[0][0].abs().max()  # lr 1e-4 moves ~3e-4, lr 0.1 ~0.3

@@ -109,7 +109,10 @@ def test_offloaded_embeddings_give_the_same_forward():
     ids = torch.randint(64, (2, 9))
     keys, ref = list(model.state_dict()), model(input_ids=ids).logits
     offload_input_embeddings(model)
+    emb = model.get_input_embeddings()
+    assert emb.weight.device.type == "cpu" and emb._forward_pre_hooks and emb._forward_hooks  # hooks in place
     assert list(model.state_dict()) == keys and torch.equal(model(input_ids=ids).logits, ref)
+
     with pytest.raises(ValueError, match="frozen"):
         offload_input_embeddings(Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=False)))
     tied = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True)).requires_grad_(False)
