@@ -24,7 +24,6 @@ memory. Variants:
             maths, one compiled kernel per parameter, gradient clipping folded into it): 12 bytes per
             parameter instead of 16.
   full-lean-noac  full-lean without checkpointing: the 28 GiB the bf16 moments free hold the activations.
-  full-lean-noac-h  full-lean-noac with the whole AdamW update in one compiled foreach call.
   full-lean-budget  full-lean-noac with torch._functorch.config.activation_memory_budget = 0.5: the
             compiler recomputes the cheapest ops in the backward instead of saving them.
   lora      peft LoRA r16 on all linear layers, bf16 frozen base, checkpointing: dreamtune's LoRA step.
@@ -154,8 +153,6 @@ VARIANTS = {
     "full-fsdp1": dict(compile=True, ac=2, moments="fp32", fsdp=True),
     "full-lean": dict(compile=True, ac=2, moments="bf16"),
     "full-lean-noac": dict(compile=True, ac=0, moments="bf16"),
-    # the whole AdamW update as one compiled foreach call (horizontally fused kernels)
-    "full-lean-noac-h": dict(compile=True, ac=0, moments="bf16", horizontal=True),
     # the compiler's partitioner recomputes cheap ops (weight casts first) to keep half the activations
     "full-lean-budget": dict(compile=True, ac=0, moments="bf16", budget=0.5),
     "lora": dict(compile=False, ac=1, moments="fp32", lora=True),
@@ -209,8 +206,7 @@ def setup_variant(name: str, shape: dict, B: int, L: int, device):
     params = [p for p in model.parameters() if p.requires_grad]
     folded = v["moments"] == "bf16"
     if folded:
-        opt = AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=torch.bfloat16,
-                    horizontal=v.get("horizontal", False))
+        opt = AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=torch.bfloat16)
     else:
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
     cfg = OmegaConf.structured(TrainConfig)

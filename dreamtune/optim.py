@@ -86,7 +86,7 @@ def adamw_foreach_(ps: list, gs: list, ms: list, vs: list, grad_scale, lr, step_
     update = torch._foreach_mul(m32, -step_size)
     torch._foreach_div_(update, denom)
     torch._foreach_add_(ps, update)
-    if ms[0].dtype != torch.float32:  # bf16 moments: round the float32 results back into the state
+    if m32[0] is not ms[0]:  # bf16 moments: round the float32 results back into the state
         torch._foreach_copy_(ms, m32)
         torch._foreach_copy_(vs, v32)
 
@@ -100,14 +100,11 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update with the moments kept in `state_dtype` (see the module docstring)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01,
-                 state_dtype: torch.dtype = torch.bfloat16, horizontal: bool = False):
+                 state_dtype: torch.dtype = torch.bfloat16):
         check_betas(betas, state_dtype)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self._update = None
-        # on a GPU: every tensor in one compiled foreach call (horizontally fused kernels, few launches)
-        self.horizontal = horizontal
-        self._horizontal_fn = None
 
     def _kernel(self, device: torch.device):
         if self._update is None:
@@ -167,14 +164,13 @@ class AdamW(torch.optim.Optimizer):
                                                                                    dtype=torch.float32).reshape(()))
                 scalars = [scale_at[pl.device], *scalars_at[t, pl.device]]
                 tensors = [pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
-                batch_all = self.horizontal and pl.device.type == "cuda" and self._horizontal_fn is not False
-                if batch_all or pl.numel() <= FOREACH_MAX:
+                if pl.numel() <= FOREACH_MAX:
                     key = (pl.device, gi, t)  # one batch shares its group's lr and its step's bias corrections
                     lists, _, total = small.setdefault(key, ([[], [], [], []], scalars, [0]))
                     for lst, x in zip(lists, tensors):
                         lst.append(x)
                     total[0] += pl.numel()
-                    if not batch_all and total[0] >= CHUNK:  # bound a batch's float32 temporaries (eager)
+                    if total[0] >= CHUNK:  # bound the float32 temporaries of a batch (< CHUNK + FOREACH_MAX elements)
                         adamw_foreach_(*lists, *scalars, *hyper)
                         del small[key]
                     continue
@@ -192,22 +188,7 @@ class AdamW(torch.optim.Optimizer):
                                   stacklevel=2)
                     self._update = adamw_update_chunked_
                     adamw_update_chunked_(*args)
-        for (device, gi, _), (lists, scalars, _) in small.items():
+        for (_, gi, _), (lists, scalars, _) in small.items():
             group = self.param_groups[gi]
-            args = (*lists, *scalars, *group["betas"], group["eps"], group["weight_decay"])
-            if not (self.horizontal and device.type == "cuda" and self._horizontal_fn is not False):
-                adamw_foreach_(*args)
-                continue
-            if self._horizontal_fn is None:
-                self._horizontal_fn = torch.compile(adamw_foreach_, dynamic=False)
-            try:
-                self._horizontal_fn(*args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001  the same maths per tensor, eagerly
-                warnings.warn(f"compiled AdamW update failed ({type(e).__name__}: {e}); running it per tensor",
-                              stacklevel=2)
-                self._horizontal_fn = False
-                for p_, g_, m_, v_ in zip(*lists):
-                    adamw_update_chunked_(p_, g_, m_, v_, *args[4:])
+            adamw_foreach_(*lists, *scalars, *group["betas"], group["eps"], group["weight_decay"])
         return None
