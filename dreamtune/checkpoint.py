@@ -36,10 +36,10 @@ LATEST = "latest"
 STATE = "trainer_state.json"
 
 
-def _dcp_options(full: bool = False, trainable_only: bool = False):
+def _dcp_options(full: bool = False, trainable_only: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=trainable_only)
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=trainable_only, strict=strict)
 
 
 def save_resumable(run_dir: Path, step: int, model, optimizer, state: dict, *, trainable_only: bool, keep_last: int) -> Path:
@@ -79,8 +79,14 @@ def load_resumable(ckpt: Path, model, optimizer, *, trainable_only: bool) -> dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(sd, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_dcp_options(trainable_only=trainable_only))
+    # a LoRA checkpoint holds the adapters only: the frozen base is "missing" on purpose, so the load is
+    # not strict, and the keys that must be there (the trainable ones) are checked below
+    result = set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                            options=_dcp_options(trainable_only=trainable_only, strict=not trainable_only))
+    missing = [k for k in getattr(result, "missing_keys", []) if k in msd]
+    if missing:
+        raise ValueError(f"'{ckpt}' lacks {len(missing)} trainable tensors (e.g. {missing[0]}): it was written with "
+                         f"another model or LoRA setting; resume with the settings it was trained with")
     return json.loads((ckpt / STATE).read_text())
 
 

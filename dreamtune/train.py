@@ -234,8 +234,10 @@ def train(cfg) -> Path:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.model.target_modules if isinstance(cfg.model.target_modules, str) else list(cfg.model.target_modules)
-        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
-                                                 lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
+            torch.manual_seed(cfg.trainer.seed)
+            model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
+                                                     lora_dropout=cfg.model.lora_dropout, target_modules=targets))
     if cfg.model.enable_gradient_checkpointing:
         D.apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     if cfg.model.compile and dev.device.type == "cuda":
