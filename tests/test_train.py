@@ -150,11 +150,9 @@ def test_exact_resume_after_kill(tiny_model_dir, sft_data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
-    """optim.state_dtype=bfloat16: stop after 3 of 6 steps, resume; the losses match a run that never
-    stopped, and the checkpoint holds the moments in bf16 (torch's load_state_dict would make them fp32)."""
-    extra = ["optim.state_dtype=bfloat16", "trainer.total_training_steps=6", "trainer.val_check_steps=0",
-             "trainer.save_checkpoint_steps=3"]
+def assert_stop_and_resume_is_exact(tiny_model_dir, sft_data, tmp_path, *extra):
+    """Train 6 steps unbroken ('whole'), and 3 + resume + 3 ('parts'): the losses must match bitwise."""
+    extra = [*extra, "trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3"]
     assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra)]) == 0
     parts = base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra)
     assert cli(["train", *parts, "trainer.max_steps_this_run=3"]) == 0
@@ -162,6 +160,12 @@ def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
     a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
+
+
+def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
+    """optim.state_dtype=bfloat16: stop after 3 of 6 steps, resume; the losses match a run that never
+    stopped, and the checkpoint holds the moments in bf16 (torch's load_state_dict would make them fp32)."""
+    assert_stop_and_resume_is_exact(tiny_model_dir, sft_data, tmp_path, "optim.state_dtype=bfloat16")
     state = dcp_load(tmp_path / "parts" / "checkpoint-3")["optim"]["state"]
     moments = [v for st in state.values() for k, v in st.items() if k.startswith("exp_avg")]
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
@@ -171,15 +175,8 @@ def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
 def test_lora_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path, offload):
     """LoRA (only adapters in the checkpoint): stop after 3 of 6 steps, resume; the losses match a run that
     never stopped (with and without the input embeddings in CPU memory)."""
-    extra = ["model.lora_rank=4", "model.lora_alpha=8", f"model.offload_embeddings={offload}",
-             "trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3"]
-    assert cli(["train", *base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra)]) == 0
-    parts = base_args(tiny_model_dir, sft_data, tmp_path / "parts", *extra)
-    assert cli(["train", *parts, "trainer.max_steps_this_run=3"]) == 0
-    assert cli(["train", *parts, "trainer.resume_training=true"]) == 0
-    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
-    assert [r["step"] for r in b] == list(range(1, 7))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise
+    assert_stop_and_resume_is_exact(tiny_model_dir, sft_data, tmp_path, "model.lora_rank=4", "model.lora_alpha=8",
+                                    f"model.offload_embeddings={offload}")
 
 
 def _torchrun(nproc, args, cwd):
