@@ -19,11 +19,31 @@ def umask() -> int:
     return mask
 
 
+def check_writable(path: str | Path) -> None:
+    """Fail now, in one clear line, if `path` could not be written later (a file where a directory of
+    the path should be, a directory at the path, or no permission), before any work is done for it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; name a file")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a directory; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot write {path}: {parent} is not writable; choose another path")
+            return
+
+
 def write_file(path: str | Path, write) -> None:
     """Call write(tmp_path) for a temporary name beside `path` (same suffix), then rename into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    except (FileExistsError, NotADirectoryError):  # a file where a directory of the path should be
+        raise NotADirectoryError(f"cannot write {path}: a file is in the way of its directory; choose another path") from None
+    except PermissionError:
+        raise PermissionError(f"cannot write {path}: permission denied; choose another path") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the result should look like any new file
     try:
@@ -45,6 +65,16 @@ def write_json(path: str | Path, obj) -> None:
 
 def write_jsonl(path: str | Path, rows) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def temp_dir_beside(out: Path) -> Path:
+    """A new empty directory beside `out` (its parents made), with a new directory's usual mode, for a
+    result that is renamed into place (replace_dir) once whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the result should look like any mkdir
+    return tmp
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

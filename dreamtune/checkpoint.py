@@ -17,12 +17,10 @@ The final export (`RUN/checkpoint-final/`) is a bf16 Hugging Face directory (abo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dreamtune import distributed as D
-from dreamtune.atomic import write_text
+from dreamtune.atomic import temp_dir_beside, write_text
 
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -49,7 +47,7 @@ def save_resumable(run_dir: Path, step: int, model, optimizer, state: dict, *, t
 
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
-    tmp = D.broadcast_object(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=run_dir) if not dist.is_initialized() or dist.get_rank() == 0 else None)
+    tmp = D.broadcast_object(str(temp_dir_beside(run_dir / f"checkpoint-{step}")) if not dist.is_initialized() or dist.get_rank() == 0 else None)
     msd, osd = get_state_dict(model, optimizer, options=_dcp_options(trainable_only=trainable_only))
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -140,15 +138,24 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def export_main(argv: list[str]) -> int:
-    """`dreamtune export SRC --out DIR [--format hf|dream] [--dtype bf16|fp32]`: re-export a model directory."""
+    """`dreamtune export SRC --out DIR [--format hf|dream] [--dtype bf16|fp32] [--overwrite]`: re-export a model
+    directory. An existing non-empty --out is replaced only with --overwrite."""
     from dreamtune.models import load, save_dream, save_hf
 
-    ap = argparse.ArgumentParser(prog="dreamtune export", description=export_main.__doc__)
+    from dreamtune.cli import parser
+
+    ap = parser("dreamtune export", export_main.__doc__)
     ap.add_argument("src", help="a model directory (e.g. RUN/checkpoint-final) or hub id")
     ap.add_argument("--out", required=True)
     ap.add_argument("--format", choices=["hf", "dream"], default="hf")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is whole)")
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a directory path")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; add --overwrite to replace it, or choose another path")
     lm = load(a.src, dtype="fp32")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     out = (save_dream if a.format == "dream" else save_hf)(lm, a.out, dtype=dtype)

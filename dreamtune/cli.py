@@ -9,6 +9,7 @@ User mistakes (ValueError, FileNotFoundError, a missing optional package) print 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -36,6 +37,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose mistakes raise ValueError, so the CLI prints one `error:` line (exit 2)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+
+    def fail(message):
+        raise ValueError(f"{message} (see {prog} --help)")
+
+    ap.error = fail  # argparse would print the usage block; one line is the project's convention
+    return ap
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (checked before any model is loaded)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print one clear line to stderr and return the exit code (for `return fail(...)`)."""
     print(f"error: {message}", file=sys.stderr)
@@ -48,11 +68,14 @@ def run_main(fn, argv: list[str]) -> int:
         return int(fn(argv) or 0)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError,
-            MemoryError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
+            ModuleNotFoundError, MemoryError, FloatingPointError) as e:
         if os.environ.get("DREAMTUNE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None:  # the system's own words, and what to do
+            what = "a file is in the way of a directory" if isinstance(e, FileExistsError) else e.strerror
+            msg = f"{what}: {e.filename}; choose another path"
         if isinstance(e, ModuleNotFoundError):
             msg = f"{msg}; install the optional extras with: pip install 'dreamtune[all]'"
         return fail(msg)

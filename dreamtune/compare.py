@@ -20,7 +20,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from dreamtune.atomic import write_json
+from dreamtune.atomic import check_writable, write_json
+from dreamtune.cli import positive_int
 from dreamtune.generate_cli import (
     add_model_args,
     add_sampler_args,
@@ -101,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-format", default="chat", choices=tasks.PROMPT_FORMATS, help="with --task (default %(default)s)")
     ap.add_argument("--chat", action="store_true", help="with --prompts: wrap text prompts in the chat template")
     ap.add_argument("--system", default=tasks.DEFAULT_SYSTEM_PROMPT, help="system turn for chat prompts ('' for none)")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("results/compare.json"), help="JSON for the report (default %(default)s)")
     add_sampler_args(ap)
     add_model_args(ap)
     args = ap.parse_args(argv)
     if (args.prompts is None) == (args.task is None):
         raise ValueError("give either --prompts FILE or --task NAME --n K")
+    check_writable(args.out)
     decoding = decoding_settings(args)
     rows = task_prompts(args) if args.task else read_prompts_file(args.prompts)
     chat = args.prompt_format == "chat" if args.task else args.chat

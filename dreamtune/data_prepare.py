@@ -34,12 +34,11 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dreamtune.atomic import umask, write_file
+from dreamtune.atomic import temp_dir_beside, write_file
 from dreamtune.data import (
     DATA_SUFFIXES,
     DEFAULT_SYSTEM_PROMPT,
@@ -184,9 +183,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
     made = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the result should look like any mkdir
+    tmp = temp_dir_beside(out)
     try:
         yield tmp
         old = None

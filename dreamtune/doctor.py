@@ -9,7 +9,6 @@ runs will be written, and which optional extras are importable. Exits 1 when a r
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata as md
 import platform
@@ -47,7 +46,9 @@ def _older(v: str, minimum: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dreamtune doctor", description="check the environment")
+    from dreamtune.cli import parser
+
+    ap = parser("dreamtune doctor", "check the environment")
     ap.add_argument("--out-dir", default=".", help="where runs will be written (its free disk is reported)")
     a = ap.parse_args(argv)
     problems: list[str] = []

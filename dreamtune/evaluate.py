@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from dreamtune.atomic import write_json, write_jsonl
+from dreamtune.atomic import check_writable, write_json, write_jsonl
+from dreamtune.cli import positive_int
 from dreamtune.generate_cli import (
     add_model_args,
     add_sampler_args,
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system-prompt", default=tasks.DEFAULT_SYSTEM_PROMPT,
                     help="chat system turn (default: dreamtune's training default; '' for none)")
     ap.add_argument("--shots", type=int, default=None, help="fewshot exemplars (default per task: GSM8K 8, MATH/AIME/AMC 4)")
-    ap.add_argument("--batch-size", type=int, default=8, help="problems per generation batch (default %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="problems per generation batch (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("results/eval_results.json"), help="summary JSON (default %(default)s)")
     ap.add_argument("--grade-workers", type=int, default=None, help="math-verify processes (0 = inline)")
     ap.add_argument("--grade-timeout", type=float, default=5.0, help="seconds per math-verify comparison")
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.out.suffix != ".json":
         raise ValueError(f"--out must name a .json file (the samples go beside it), got {args.out}")
+    check_writable(args.out)
     decoding = decoding_settings(args)
     rank, world = rank_world()
     args.world = world

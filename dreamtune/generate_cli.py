@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dreamtune.atomic import write_jsonl
+from dreamtune.atomic import check_writable, write_jsonl
+from dreamtune.cli import parser, positive_int  # noqa: F401  (parser: verbs import it from here too)
 from dreamtune.sampling import ALGS, generate
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,17 +31,6 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------- shared options
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose mistakes raise ValueError, so the CLI prints one `error:` line (exit 2)."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-
-    def fail(message):
-        raise ValueError(f"{message} (see {prog} --help)")
-
-    ap.error = fail  # argparse would print the usage block; one line is the project's convention
-    return ap
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -241,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default=None, help="system turn for --chat prompts")
     ap.add_argument("--input", type=Path, help="JSONL of prompts (batch mode)")
     ap.add_argument("--output", type=Path, help="JSONL to write in batch mode")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per forward in batch mode (default %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward in batch mode (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (answer, timing, settings) instead of text")
     add_sampler_args(ap)
     add_model_args(ap)
@@ -250,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give either a prompt or --input prompts.jsonl (not both, not neither)")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output out.jsonl")
+    if args.output is not None:
+        check_writable(args.output)
     decoding = decoding_settings(args)
     rows = read_prompt_rows(args.input) if args.input else [{"prompt": args.prompt}]
     lm = load_model(args.model, args.device, args.dtype, args.compile)

@@ -26,7 +26,6 @@ differ are wrong without consulting math-verify. For `task="gpqa"` the answer is
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
-from dreamtune.atomic import write_jsonl
+from dreamtune.atomic import check_writable, write_jsonl
 
 TASK_NAMES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "gpqa", "generic")
 HOWS = ("boxed", "answer_tag", "answer_colon", "hash", "last_number", "none")
@@ -640,11 +639,10 @@ def default_out_path(predictions: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="dreamtune grade",
-        description="Grade generations made elsewhere: a JSONL with 'response' (raw model output) and "
-        "'answer' (reference) per line; 'question' optional.",
-    )
+    from dreamtune.cli import parser
+
+    ap = parser("dreamtune grade", "Grade generations made elsewhere: a JSONL with 'response' (raw model output) "
+                "and 'answer' (reference) per line; 'question' optional.")
     ap.add_argument("--task", required=True, choices=TASK_NAMES, help="answer style (gpqa: choice letters)")
     ap.add_argument("--predictions", required=True, help="JSONL file of {response, answer[, question]}")
     ap.add_argument("--out", help="per-row verdicts JSONL (default: <predictions>.graded.jsonl beside it)")
@@ -656,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out_path(args.predictions)
     if out.resolve() == Path(args.predictions).resolve():
         raise ValueError(f"--out {out} would overwrite the predictions file; choose another path")
+    check_writable(out)
     rows = read_predictions(args.predictions)
     try:
         verdicts = grade_many(rows, args.task, workers=args.workers, timeout=args.timeout)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from torch import nn
 
 from dreamtune.kv_forward import GraphCache
 
-from dreamtune.atomic import replace_dir
+from dreamtune.atomic import replace_dir, temp_dir_beside
 
 MASK_TOKEN = "<|mask|>"
 META_FILE = "dreamtune.json"
@@ -298,8 +297,7 @@ def add_mask_token(model: nn.Module, tokenizer, d: Path | str = "") -> int:
 
 def _atomic_dir(out: Path):
     """A temporary directory beside `out`; the caller renames it into place when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return temp_dir_beside(out)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,10 +25,9 @@ import html
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from dreamtune.atomic import replace_dir
+from dreamtune.atomic import replace_dir, temp_dir_beside
 
 # Train-loss points are noisy (one micro-batch of random noise levels each): the figure adds a
 # moving average over this many steps so the trend is readable.
@@ -424,8 +423,7 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
         raise ValueError(f"--out {out} exists and is not a report directory; choose another --out")
 
     figures = build_figures(metrics, eval_data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         images = {}
         for name, fig in figures.items():

@@ -41,6 +41,12 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def atomic_umask() -> int:
+    from dreamtune.atomic import umask
+
+    return umask()
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -220,10 +226,34 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     (["generate", "--model", "MODEL"], "either a prompt or --input"),
     (["compare", "--base", "/nonexistent/a", "--tuned", "MODEL", "--prompts", "PROMPTS"], "does not exist"),
     (["compare", "--base", "MODEL", "--tuned", "MODEL"], "--prompts FILE or --task"),
+    (["generate", "--model", "MODEL", "--input", "PROMPTS", "--output", "o.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--model", "MODEL", "--tasks", "gsm8k", "--prompt-format", "chat", "--batch-size", "0"], "--batch-size"),
+    (["generate", "--model", "MODEL", "--input", "TMP/p.jsonl", "--output", "TMP/afile/o.jsonl", "--max-new-tokens", "4"],
+     "is a file"),
+    (["grade", "--task", "nope", "--predictions", "PROMPTS"], "invalid choice"),
+    (["doctor", "--bogus"], "unrecognized arguments"),
+    (["export", "MODEL", "--format", "bogus", "--out", "x"], "invalid choice"),
+    (["export", "MODEL", "--out", "TMP/afile"], "is a file"),
+    (["export", "MODEL", "--out", "TMP/afile/x"], "in the way"),
+    (["export", "MODEL", "--out", "TMP/full"], "--overwrite"),
 ])
 def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needle):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
-    argv = [model_dir if a == "MODEL" else str(prompts) if a == "PROMPTS" else a for a in argv]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    argv = [a.replace("MODEL", model_dir).replace("PROMPTS", str(prompts)).replace("TMP", str(tmp_path)) for a in argv]
     assert cli(argv) == 2
     assert needle in one_error_line(capsys)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_export_overwrite_replaces_whole_and_keeps_usual_modes(model_dir, tmp_path, capsys):
+    """--overwrite replaces an existing export; the new directory has a new directory's mode, not 0700."""
+    out = tmp_path / "exported"
+    assert cli(["export", model_dir, "--out", str(out)]) == 0
+    assert cli(["export", model_dir, "--out", str(out), "--format", "dream", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "Dream"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~atomic_umask()
