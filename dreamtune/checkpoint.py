@@ -76,7 +76,15 @@ def load_resumable(ckpt: Path, model, optimizer, *, trainable_only: bool) -> dic
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=str(ckpt))
+        try:
+            dcp.load(sd, checkpoint_id=str(ckpt))
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as e:  # noqa: BLE001  DCP's CheckpointException (a BaseException) wraps each rank's error
+            lines = [x.strip() for x in str(e).splitlines() if "mismatch" in x or "Missing key" in x]
+            why = f" ({lines[0][:200]})" if lines else ""
+            raise ValueError(f"'{ckpt}' does not fit this model and settings{why}: it was written with another model, "
+                             f"LoRA rank or LoRA/full setting; resume with the settings it was trained with") from None
     # a LoRA checkpoint holds the adapters only: the frozen base is "missing" on purpose, so the load is
     # not strict, and the keys that must be there (the trainable ones) are checked below
     result = set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],

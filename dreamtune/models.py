@@ -239,7 +239,12 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
         )
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
     tdtype = _dtype(dtype)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    # "auto": transformers' own choice (sdpa where it can)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation not in (None, "auto") else {}
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((d / w).exists() for w in weights):
+        raise FileNotFoundError(f"{d} has a config but no weights (none of {', '.join(weights)}); point at a "
+                                f"complete model directory, e.g. RUN/checkpoint-final")
     if tdtype is not None:
         extra["dtype"] = tdtype
     tokenizer = load_tokenizer(d)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dreamtune import distributed as D
+from dreamtune.atomic import write_text
 from dreamtune.config import load_config, split_argv, to_yaml
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
@@ -181,6 +182,9 @@ def train(cfg) -> Path:
         raise ValueError("model.fsdp_config.cpu_offload needs FSDP: launch with "
                          "`torchrun --nproc_per_node=1 -m dreamtune.train ...` (or more processes)")
 
+    if cfg.model.attn_implementation == "flex_attention" and dev.device.type != "cuda":
+        raise ValueError("model.attn_implementation=flex_attention has no backward pass on the CPU; use sdpa there "
+                         "(packing then uses an explicit document mask)")
     run_dir = Path(cfg.trainer.default_local_dir)
 
     # 1. Model and tokenizer. Everything that can fail on user input fails before the run directory exists.
@@ -214,14 +218,18 @@ def train(cfg) -> Path:
     # 3. The run directory: resume from it, or start it fresh.
     resume_from = None
     if cfg.trainer.resume_training or cfg.trainer.resume_path:
-        from dreamtune.checkpoint import latest_checkpoint
+        from dreamtune.checkpoint import STATE, latest_checkpoint
 
         resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
         if resume_from is None:
             LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
+        elif not (resume_from / STATE).exists():
+            raise ValueError(f"'{resume_from}' is not a complete dreamtune checkpoint (no {STATE}); point "
+                             f"trainer.resume_path at a checkpoint-STEP directory")
     if dev.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if resume_from is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+            write_text(run_dir / "config.yaml", to_yaml(cfg))
     D.barrier()
     setup_logging(run_dir, dev.is_main)
     LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
@@ -268,6 +276,8 @@ def train(cfg) -> Path:
         from dreamtune.checkpoint import load_resumable
 
         state = load_resumable(resume_from, model, opt, trainable_only=cfg.model.lora_rank > 0)
+        if dev.is_main:
+            write_text(run_dir / "config.yaml", to_yaml(cfg))
         start = int(state["step"])
         sched.last_epoch = start - 1  # LambdaLR recomputes the factor from the step
         sched.step()
@@ -284,6 +294,8 @@ def train(cfg) -> Path:
                 # seeded by the micro-batch's place in the global batch, so that N ranks draw what one would
                 mb = dev.rank * plan["grad_accum"] + k
                 batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb)).to(dev.device)
+                if cfg.model.lora_dropout > 0:  # peft's dropout draws from the global generators: seed them too
+                    torch.manual_seed(step_generator(seed, step, mb, 2).initial_seed())
                 with ctx:
                     loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
                 (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count

@@ -140,6 +140,14 @@ def test_error_no_config(tmp_path):
         models.load(tmp_path)
 
 
+def test_error_config_without_weights(tmp_path):
+    """A directory with a config but no weight files: one clear error, not transformers' OSError."""
+    d = models.save_hf(tiny_lm(seed=0), tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        models.load(d)
+
+
 def test_error_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         models.load(tmp_path / "nope")

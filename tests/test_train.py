@@ -171,12 +171,29 @@ def test_bf16_moments_resume_exactly(tiny_model_dir, sft_data, tmp_path):
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
 
 
-@pytest.mark.parametrize("offload", ["false", "true"])
-def test_lora_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path, offload):
+@pytest.mark.parametrize("extra", ["model.offload_embeddings=false", "model.offload_embeddings=true",
+                                   "model.lora_dropout=0.1"])
+def test_lora_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path, extra):
     """LoRA (only adapters in the checkpoint): stop after 3 of 6 steps, resume; the losses match a run that
-    never stopped (with and without the input embeddings in CPU memory)."""
-    assert_stop_and_resume_is_exact(tiny_model_dir, sft_data, tmp_path, "model.lora_rank=4", "model.lora_alpha=8",
-                                    f"model.offload_embeddings={offload}")
+    never stopped (with and without the input embeddings in CPU memory, and with dropout)."""
+    assert_stop_and_resume_is_exact(tiny_model_dir, sft_data, tmp_path, "model.lora_rank=4", "model.lora_alpha=8", extra)
+
+
+def test_resume_with_other_settings_is_one_error_and_keeps_config(tiny_model_dir, sft_data, tmp_path, capsys):
+    """Resuming a rank-4 LoRA checkpoint as rank 8, or as a full fine-tune: one error line, exit 2, and the
+    run's config.yaml still describes the run that wrote the checkpoint."""
+    args = base_args(tiny_model_dir, sft_data, tmp_path / "run", "model.lora_rank=4", "trainer.total_training_steps=2",
+                     "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=2")
+    assert cli(["train", *args]) == 0
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    capsys.readouterr()
+    for other in ["model.lora_rank=8", "model.lora_rank=0"]:
+        assert cli(["train", *args, other, "trainer.resume_training=true", "trainer.total_training_steps=4"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error:") and "settings it was trained with" in err[-1], err[-3:]
+        assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert cli(["train", *args, f"trainer.resume_path={tmp_path}"]) == 2
+    assert "not a complete dreamtune checkpoint" in capsys.readouterr().err
 
 
 def _torchrun(nproc, args, cwd):
