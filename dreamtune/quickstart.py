@@ -113,9 +113,11 @@ def decode_answer(tokenizer, tokens) -> str:
 
 
 def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: dict, seed: int,
-                       out: Path, batch_size: int = 50) -> dict:
+                       out_path: Path, batch_size: int = 50) -> dict:
     """Generate for every row with the real sampler, grade with the real grader, write OUT (eval results)
-    and OUT.samples.jsonl in the format of docs/artifacts.md; return the results dict."""
+    and OUT.samples.jsonl in the format of docs/artifacts.md (fields about benchmark files, such as
+    data_dir, shots and config_id, are null: the problems come from the task generator); return the
+    results dict."""
     import torch
 
     from dreamtune.models import load
@@ -125,30 +127,47 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
     t0 = time.time()
     lm = load(model_dir, dtype="fp32")
     g = torch.Generator().manual_seed(seed)
-    samples = []
+    eos = lm.tokenizer.eos_token_id
+    samples, gen_time = [], 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         input_ids, mask = encode_prompts(lm.tokenizer, [r["prompt"] for r in chunk])
-        seqs = generate(lm, input_ids, mask, generator=g, **decoding).sequences  # [B, P + max_new_tokens]
+        tb = time.time()
+        out = generate(lm, input_ids, mask, generator=g, **decoding)
+        dt = time.time() - tb
+        gen_time += dt
+        seqs = out.sequences  # [B, P + max_new_tokens]
         for k, r in enumerate(chunk):
-            response = decode_answer(lm.tokenizer, seqs[k, input_ids.shape[1]:].tolist())
+            new = seqs[k, input_ids.shape[1]:].tolist()
+            response = decode_answer(lm.tokenizer, new)
             correct = grade_synthetic(task, response, r["answer"])
-            samples.append({"task": task, "id": start + k, "question": r["prompt"], "prompt": r["prompt"],
-                            "response": response, "answer": r["answer"], "extracted": final_answer(response),
-                            "correct": correct, "stage": "exact" if correct else None})
+            extracted = final_answer(response)
+            seen = lm.tokenizer.decode(input_ids[k][mask[k].bool()].tolist(), skip_special_tokens=False)
+            samples.append({"task": task, "id": str(start + k), "question": r["prompt"], "prompt": seen,
+                            "response": response, "answer": r["answer"], "extracted": extracted,
+                            "correct": correct, "stage": "exact" if correct else "none",
+                            "how": "exact match of the Answer line", "error": None,
+                            "answer_tokens": new.index(eos) if eos in new else len(new), "nfe": out.nfe,
+                            "time_s": round(dt, 4), "config_id": None})
     n_ok = sum(s["correct"] for s in samples)
+    n = max(len(samples), 1)
+    samples_file = out_path.with_name(out_path.stem + ".samples.jsonl")
     results = {
         "model": str(model_dir),
-        "tasks": {task: {"accuracy": n_ok / max(len(samples), 1), "correct": n_ok, "total": len(samples),
-                         "by_stage": {"exact": n_ok}}},
-        "decoding": {**decoding, "top_p": None, "top_k": None, "alg_temp": 0.0, "sampler": "dreamtune.sampling"},
-        "prompt_format": "chat",
-        "seed": seed,
-        "time_s": round(time.time() - t0, 2),
-        "created": _now(),
+        "tasks": {task: {"accuracy": n_ok / n, "correct": n_ok, "total": len(samples),
+                         "by_stage": {"exact": n_ok, "numeric": 0, "math_verify": 0, "none": len(samples) - n_ok},
+                         "no_answer": sum(s["extracted"] is None for s in samples), "errors": 0,
+                         "mean_answer_tokens": sum(s["answer_tokens"] for s in samples) / n}},
+        "decoding": {"sampler": "dream", "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": 1e-3,
+                     "threshold": None, "block_length": None, "tokens_per_step": None, "use_cache": None,
+                     "dual_cache": None, **decoding},
+        "prompt_format": "chat", "system_prompt": None, "shots": None, "seed": seed, "limit": None,
+        "data_dir": None, "batch_size": batch_size, "world_size": 1, "config_id": None,
+        "time_s": round(time.time() - t0, 2), "generation_time_s": round(gen_time, 2),
+        "samples": samples_file.name, "created": _now(),
     }
-    write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples)
-    write_json(out, results)
+    write_jsonl(samples_file, samples)
+    write_json(out_path, results)
     return results
 
 
@@ -158,13 +177,16 @@ def compare_results(base_json: Path, tuned_json: Path, out: Path) -> dict:
         return [json.loads(line) for line in p.with_name(p.stem + ".samples.jsonl").read_text().splitlines()]
 
     base, tuned = json.loads(base_json.read_text()), json.loads(tuned_json.read_text())
-    rows = [{"prompt": b["prompt"], "answer": b["answer"], "base": b["response"], "tuned": t["response"],
-             "base_correct": b["correct"], "tuned_correct": t["correct"]}
+    rows = [{"prompt": b["prompt"], "answer": b["answer"], "id": b["id"], "base": b["response"], "tuned": t["response"],
+             "base_correct": b["correct"], "tuned_correct": t["correct"], "base_extracted": b["extracted"],
+             "tuned_extracted": t["extracted"]}
             for b, t in zip(samples(base_json), samples(tuned_json))]
     task = next(iter(tuned["tasks"]))
-    cmp = {"base": base["model"], "tuned": tuned["model"], "decoding": tuned["decoding"], "rows": rows,
+    cmp = {"base": base["model"], "tuned": tuned["model"], "decoding": tuned["decoding"], "seed": tuned["seed"],
+           "prompt_format": tuned["prompt_format"], "task": task, "rows": rows,
            "summary": {"base_accuracy": base["tasks"][task]["accuracy"],
-                       "tuned_accuracy": tuned["tasks"][task]["accuracy"]}}
+                       "tuned_accuracy": tuned["tasks"][task]["accuracy"]},
+           "time_s": {"base": base["generation_time_s"], "tuned": tuned["generation_time_s"]}, "created": _now()}
     write_json(out, cmp)
     return cmp
 
