@@ -55,7 +55,7 @@ def task_prompts(args) -> list[dict]:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     shots = tasks.fewshot_examples(args.task, data_dir=args.data_dir, seed=args.seed) if args.prompt_format == "fewshot" else None
     rows = tasks.load(args.task, data_dir=args.data_dir, limit=args.n)
-    return [{"input": tasks.build_prompt(r, args.prompt_format, task=args.task, system_prompt=args.system or None,
+    return [{"input": tasks.build_prompt(r, args.prompt_format, task=args.task, system_prompt=(tasks.DEFAULT_SYSTEM_PROMPT if args.system is None else args.system) or None,
                                          shots=shots), "answer": r["answer"], "id": str(r["id"])} for r in rows]
 
 
@@ -64,7 +64,7 @@ def run_model(path, rows, args, decoding, chat: bool) -> tuple[list[str], float,
     import torch
 
     lm = load_model(path, args.device, args.dtype, args.compile)
-    system = None if args.task else args.system
+    system = None if args.task else (args.system or None)  # free prompts: a system turn only when asked, as generate
     encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
     rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]
     t0 = time.perf_counter()
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="benchmark files in the ../shared/data/eval layout")
     ap.add_argument("--prompt-format", default="chat", choices=tasks.PROMPT_FORMATS, help="with --task (default %(default)s)")
     ap.add_argument("--chat", action="store_true", help="with --prompts: wrap text prompts in the chat template")
-    ap.add_argument("--system", default=tasks.DEFAULT_SYSTEM_PROMPT, help="system turn for chat prompts ('' for none)")
+    ap.add_argument("--system", default=None, help="system turn for chat prompts (default: the benchmark prompt's "
+                    "with --task, none with --prompts, as `dreamtune generate --chat`; '' for none)")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("results/compare.json"), help="JSON for the report (default %(default)s)")
     add_sampler_args(ap)
