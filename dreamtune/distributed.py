@@ -94,19 +94,25 @@ def apply_compile(model: torch.nn.Module) -> None:
         layer.compile()
 
 
+def check_embeddings_untied(model: torch.nn.Module) -> None:
+    """model.offload_embeddings needs an input table of its own: a tied output head needs it on the GPU."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
+                         "output head needs the table on the GPU; set model.offload_embeddings=false")
+
+
 def offload_input_embeddings(model: torch.nn.Module) -> None:
     """Keep a frozen input-embedding table in CPU memory and look tokens up there (LoRA on a small GPU:
     Dream-7B's 152k x 3584 bf16 table is 1.0 GiB). Call after the model is on its device: the ids go to
     the CPU, the [B, L, H] embeddings (29 MB at 2 x 2048) come back. State-dict keys are unchanged."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    emb = hf.get_input_embeddings()
     if not isinstance(emb, torch.nn.Embedding) or any(p.requires_grad for p in emb.parameters()):
         raise ValueError("model.offload_embeddings=true needs a frozen, plain embedding table: use it with LoRA "
                          "(model.lora_rank > 0) whose target_modules leave out embed_tokens, or set "
                          "model.offload_embeddings=false")
-    if head is not None and head.weight is emb.weight:
-        raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
-                         "output head needs the table on the GPU; set model.offload_embeddings=false")
+    check_embeddings_untied(hf)
     device = emb.weight.device
     emb.to("cpu")
     emb.register_forward_pre_hook(lambda _m, args: (args[0].cpu(), *args[1:]))

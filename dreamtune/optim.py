@@ -139,7 +139,7 @@ class AdamW(torch.optim.Optimizer):
         of Python and launch overhead: 60 ms a step for LoRA's 392 adapter matrices."""
         assert closure is None, "closures are not supported"
         scale_at = {}  # device -> grad_scale there, as a 0-dim fp32 tensor
-        small = {}  # (device, group index, step) -> ([[p], [g], [m], [v]], scalar tensors, [elements])
+        small = {}  # (device, group index, step) -> ([[p], [g], [m], [v]], (scalars..., hyper...), [elements])
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             hyper = (beta1, beta2, group["eps"], group["weight_decay"])
@@ -166,7 +166,7 @@ class AdamW(torch.optim.Optimizer):
                 tensors = [pl, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
                 if pl.numel() <= FOREACH_MAX:
                     key = (pl.device, gi, t)  # one batch shares its group's lr and its step's bias corrections
-                    lists, _, total = small.setdefault(key, ([[], [], [], []], scalars, [0]))
+                    lists, _, total = small.setdefault(key, ([[], [], [], []], (*scalars, *hyper), [0]))
                     for lst, x in zip(lists, tensors):
                         lst.append(x)
                     total[0] += pl.numel()
@@ -188,7 +188,6 @@ class AdamW(torch.optim.Optimizer):
                                   stacklevel=2)
                     self._update = adamw_update_chunked_
                     adamw_update_chunked_(*args)
-        for (_, gi, _), (lists, scalars, _) in small.items():
-            group = self.param_groups[gi]
-            adamw_foreach_(*lists, *scalars, *group["betas"], group["eps"], group["weight_decay"])
+        for lists, rest, _ in small.values():
+            adamw_foreach_(*lists, *rest)
         return None

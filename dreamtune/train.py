@@ -202,9 +202,8 @@ def train(cfg) -> Path:
     if cfg.model.offload_embeddings and dev.enabled:
         raise ValueError("model.offload_embeddings=true is for one GPU; under torchrun FSDP2 shards the table "
                          "already (model.fsdp_config.cpu_offload=true moves every parameter to the CPU)")
-    if cfg.model.offload_embeddings and lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight:
-        raise ValueError("model.offload_embeddings=true: this model ties its input and output embeddings and the "
-                         "output head needs the table on the GPU; set model.offload_embeddings=false")
+    if cfg.model.offload_embeddings:
+        D.check_embeddings_untied(lm.model)  # here, before the run directory exists
 
     # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
     train_ex = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
