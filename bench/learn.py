@@ -140,7 +140,8 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 
 # Prompts are encoded and answers decoded exactly as the quickstart does it.
-from dreamtune.quickstart import decode_answer as decode_response, encode_prompts  # noqa: E402
+from dreamtune.generate_cli import decode_answer  # noqa: E402
+from dreamtune.quickstart import encode_prompts  # noqa: E402
 
 
 
@@ -188,7 +189,7 @@ def evaluate(lm, rows, task, samplers, *, new_tokens: int, device, batch_size: i
             nfe.append(res.nfe)
             seqs = res.sequences[:, ids.shape[1]:].tolist()
             for r, toks in zip(chunk, seqs):
-                resp = decode_response(lm.tokenizer, toks)
+                resp, _ = decode_answer(lm, toks, skip_special_tokens=True)
                 ok = grade_synthetic(task, resp, r["answer"])
                 correct += ok
                 if len(samples) < keep_samples or (not ok and keep_failures > 0):

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from dreamtune.atomic import check_writable, write_json
 from dreamtune.cli import positive_int
+from dreamtune.hub import resolve_dir
 from dreamtune.generate_cli import (
     add_model_args,
     add_sampler_args,
     decoding_settings,
+    describe,
     encode_prompt,
     generate_batches,
     load_model,
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.prompts is None) == (args.task is None):
         raise ValueError("give either --prompts FILE or --task NAME --n K")
     check_writable(args.out)
+    for path in (args.base, args.tuned):  # a mistyped path fails now, not after the base model has run
+        resolve_dir(path, download=False)
     decoding = decoding_settings(args)
     rows = task_prompts(args) if args.task else read_prompts_file(args.prompts)
     chat = args.prompt_format == "chat" if args.task else args.chat
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if graded:
         print(f"accuracy: base {100 * summary['base_accuracy']:.1f}%  tuned {100 * summary['tuned_accuracy']:.1f}%  "
               f"({len(rows)} problems)")
+    print(f"decoding: {describe(decoding)}")
     result = {
         "base": args.base, "tuned": args.tuned, "decoding": decoding, "seed": args.seed,
         "prompt_format": args.prompt_format if args.task else ("chat" if args.chat else "raw"),

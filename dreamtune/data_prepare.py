@@ -32,13 +32,11 @@ import json
 import os
 import re
 import shutil
-import socket
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse
 
 from dreamtune.atomic import temp_dir_beside, write_file
+from dreamtune.hub import hub_offline_if_unreachable
 from dreamtune.data import (
     DATA_SUFFIXES,
     DEFAULT_SYSTEM_PROMPT,
@@ -278,42 +276,6 @@ def prepare(input: str, out: str, fmt: str, *, trace: str | None = None, layout:
 def _looks_like_path(name: str) -> bool:
     return (name.endswith(DATA_SUFFIXES) or name.startswith((".", "/", "~")) or "\\" in name
             or name.count("/") > 1)
-
-
-@contextlib.contextmanager
-def hub_offline_if_unreachable(timeout: float = 3.0):
-    """Run the block in Hugging Face offline mode when the hub cannot be reached, so that a missing
-    network fails at once (cached files still load) instead of after about 25 s of retries. Yields
-    whether it did so."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        if not (offline or proxied):
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        reachable = True
-    except OSError:
-        reachable = False
-    if reachable:
-        yield False
-        return
-    import huggingface_hub.constants as hub_constants
-
-    # The libraries read HF_HUB_OFFLINE at import: set the variable for a later `import datasets`, and
-    # the already-imported flags; put everything back afterwards.
-    ds_config = sys.modules.get("datasets.config")
-    saved = hub_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE if ds_config else False
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = True
-    if ds_config:
-        ds_config.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        os.environ.pop("HF_HUB_OFFLINE", None)
-        hub_constants.HF_HUB_OFFLINE = saved[0]
-        if "datasets.config" in sys.modules:
-            sys.modules["datasets.config"].HF_HUB_OFFLINE = saved[1]
 
 
 def download(dataset: str, out: str, split: str = "train", config: str | None = None,

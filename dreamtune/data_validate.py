@@ -140,32 +140,6 @@ def length_stats(x) -> dict:
 # The command
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of a directory or hub id, read exactly as training reads it
-    (dreamtune.models.load_tokenizer), with one clear error when it cannot be had."""
-    from dreamtune.data_prepare import _looks_like_path, hub_offline_if_unreachable
-    from dreamtune.models import load_tokenizer as model_tokenizer
-
-    path = Path(name).expanduser()
-    if not path.exists() and _looks_like_path(name):
-        raise FileNotFoundError(f"tokenizer directory not found: {name}")
-    from transformers import AutoTokenizer
-
-    with hub_offline_if_unreachable() as offline:
-        try:
-            if path.is_dir():
-                tok = model_tokenizer(path)
-                if tok is None:
-                    raise ValueError("no tokenizer files in the directory")
-                return tok
-            return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = "the Hub cannot be reached (offline?) and it is not in the local cache" if offline else first
-            raise ValueError(f"cannot load tokenizer '{name}' ({first}); pass a local tokenizer directory "
-                             "(tokenizer_config.json + vocab files), e.g. ../shared/data/tokenizer-dream") from None
-
-
 def _load_splits(data: str) -> dict[str, list[dict]]:
     """{split name: rows}: a prepared DIR's train and val, or one file/directory as a whole."""
     from dreamtune.data import read_rows
@@ -205,7 +179,9 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
             raise ValueError(f"{name}: {e}") from None
     out_path = Path(out) if out else default_report_path(data)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    from dreamtune.tokenizer import tokenizer_from
+
+    tok = tokenizer_from(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
     split_of = np.array([name for name, rows in splits.items() for _ in rows])
     index_in_split = [i for rows in splits.values() for i in range(len(rows))]

@@ -39,10 +39,10 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see 'dreamtune demo --help')")
 
 
-def render_canvas(tokenizer, tokens, mask_id: int) -> str:
-    """The answer region of a canvas as text: masks as MASK_GLYPH, eos/pad hidden, the rest decoded in
-    runs (a BPE token decoded alone can differ from the same token inside its word)."""
-    eos = tokenizer.eos_token_id
+def render_canvas(tokenizer, tokens, mask_id: int, stop_ids=()) -> str:
+    """The answer region of a canvas as text: masks as MASK_GLYPH, eos/pad and the other stop tokens hidden,
+    the rest decoded in runs (a BPE token decoded alone can differ from the same token inside its word)."""
+    hidden = {tokenizer.eos_token_id, *stop_ids}
     out, run = [], []
 
     def flush():
@@ -54,20 +54,12 @@ def render_canvas(tokenizer, tokens, mask_id: int) -> str:
         if t == mask_id:
             flush()
             out.append(MASK_GLYPH)
-        elif t == eos:
+        elif t in hidden:
             flush()
         else:
             run.append(t)
     flush()
     return "".join(out)
-
-
-def final_text(tokenizer, tokens) -> str:
-    """The finished answer: everything before the first eos."""
-    tokens = list(tokens)
-    if tokenizer.eos_token_id in tokens:
-        tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def context_limit(lm, max_new_tokens: int) -> int:
@@ -96,6 +88,7 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
     steps can be watched. A prompt that does not fit the context, or a bad setting, yields one message."""
     import torch
 
+    from dreamtune.generate_cli import decode_answer
     from dreamtune.sampling import generate
 
     prompt = (prompt or "").strip()
@@ -136,7 +129,7 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
     n = 0
     while (tokens := frames.get()) is not None:
         n += 1
-        yield render_canvas(lm.tokenizer, tokens, lm.mask_token_id), f"step {n}, {time.time() - t_start:.2f} s"
+        yield render_canvas(lm.tokenizer, tokens, lm.mask_token_id, lm.stop_ids), f"step {n}, {time.time() - t_start:.2f} s"
         if pause:
             time.sleep(pause)
     if "error" in result:
@@ -145,7 +138,7 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
             return
         raise result["error"]
     out = result["out"]
-    answer = final_text(lm.tokenizer, out.sequences[0, p:].tolist())
+    answer, _ = decode_answer(lm, out.sequences[0, p:].tolist(), skip_special_tokens=True)
     yield answer, f"done: {out.nfe} forward passes, {result['time_s']:.2f} s"
 
 

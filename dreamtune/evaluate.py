@@ -34,6 +34,7 @@ from dreamtune.generate_cli import (
     add_model_args,
     add_sampler_args,
     decoding_settings,
+    describe,
     encode_prompt,
     generate_batches,
     load_model,
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in names)
     for name, s in summary["tasks"].items():
         print(f"{name:<{width}}  {100 * s['accuracy']:5.1f}%  ({s['correct']}/{s['total']})")
+    print(f"decoding: {describe(decoding)}")
     print(f"summary: {args.out}\nsamples: {final}")
     return 0
 

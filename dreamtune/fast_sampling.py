@@ -16,8 +16,9 @@
   also caches the masked suffix, so a step runs only [last prefix position, end of block).
   The window starts one position early because of Dream's shift: the first block position is scored
   from the output at the position before it.
-- Early stop: once a row finishes a block that is all eos, the rest of its canvas is filled with eos and
-  it needs no more decisions; generation ends when every row has.
+- Early stop: once a row finishes a block holding one of the model's stop tokens (`DiffusionLM.stop_ids`:
+  every eos id, pad, a chat turn's end), the rest of its canvas is filled with pad and it needs no more
+  decisions; generation ends when every row has. The answer, cut at its first stop token, is unchanged.
 
 How the cache is laid out: dreamtune.kv_forward runs the decoder over chosen columns with the attention
 written out; the first forward of a block feeds [cached columns, window] and keeps the first columns'
@@ -82,9 +83,11 @@ def reveal_top(conf: torch.Tensor, masked: torch.Tensor, k: int) -> torch.Tensor
     return masked & torch.zeros_like(masked).scatter_(1, idx, True)
 
 
-def _eos_id(lm) -> int | None:
-    eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else getattr(lm.config, "eos_token_id", None)
-    return eos[0] if isinstance(eos, (list, tuple)) else eos
+def fill_id(lm) -> int:
+    """The token the rest of a finished row's canvas becomes: pad (Dream fills the canvas after an answer with
+    pad = eos), else the first stop id."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else getattr(lm.config, "pad_token_id", None)
+    return int(pad) if pad is not None else lm.stop_ids[0]
 
 
 @torch.no_grad()
@@ -112,7 +115,8 @@ def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top
     total = x.shape[1]
     head = lm.model.get_output_embeddings()
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-    eos = _eos_id(lm) if stop_at_eos else None
+    stops = torch.tensor(lm.stop_ids, device=x.device) if stop_at_eos and lm.stop_ids else None  # [S]
+    fill = fill_id(lm) if stops is not None else None
     history = [] if return_history else None
     shift = 1 if lm.shift else 0  # block column c is scored from the output at column c - shift
     nfe = 0
@@ -153,12 +157,13 @@ def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top
             else:
                 reveal = reveal_top(full_conf, masked, tokens_per_step)
             x[:, start:end] = torch.where(reveal, proposal, x[:, start:end])
-            if eos is not None and end < total:
-                # a block that is now all eos ends the answer: the rest of that row's canvas becomes eos
-                # (device ops, no branch: a block with masks left is never all eos)
-                done = (x[:, start:end] == eos).all(-1, keepdim=True)  # [B, 1]
+            if stops is not None and end < total:
+                # a finished block holding a stop token ends the answer (everything after it is cut when
+                # decoded): the rest of that row's canvas becomes the fill token (device ops, no branch)
+                block = x[:, start:end]
+                done = torch.isin(block, stops).any(-1, keepdim=True) & (block != lm.mask_token_id).all(-1, keepdim=True)  # [B, 1]
                 tail = x[:, end:]
-                tail.masked_fill_(done & (tail == lm.mask_token_id), eos)
+                tail.masked_fill_(done & (tail == lm.mask_token_id), fill)
             if history is not None:
                 history.append(x.detach().to("cpu", copy=True))
             if on_step is not None:

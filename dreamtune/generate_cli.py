@@ -27,6 +27,10 @@ from dreamtune.cli import parser, positive_int  # noqa: F401  (parser: verbs imp
 from dreamtune.sampling import ALGS, generate
 
 DEVICES = ("auto", "cpu", "cuda")
+# Dream's diffusion_generate, called without top_k, takes the model config's legacy generation default 50:
+# confidences come from the renormalised top 50. The verbs default to it, so that a command with the same
+# arguments as a Dream script samples as that script does.
+DREAM_TOP_K = 50
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -47,7 +51,9 @@ def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--alg", default="entropy", choices=ALGS, help="Dream's algorithms, or fast (Fast-dLLM style); default %(default)s")
     g.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default %(default)s, Dream's README)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus filter, 1 = off (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=None, help="top-k filter (default off)")
+    g.add_argument("--top-k", type=int, default=DREAM_TOP_K,
+                   help="top-k filter; 0 = off (default %(default)s: what Dream's diffusion_generate uses when top_k "
+                        "is not passed; Dream's own benchmark script passes none, i.e. --top-k 0)")
     g.add_argument("--alg-temp", type=float, default=0.0, help="> 0: draw positions from softmax(confidence / alg-temp)")
     g.add_argument("--eps", type=float, default=1e-3, help="end of Dream's time grid (default %(default)s)")
     g.add_argument("--threshold", type=float, default=0.9, help="fast: reveal positions above this confidence (1 = one per step)")
@@ -62,6 +68,8 @@ def decoding_settings(args) -> dict:
     """Every decoding setting, as recorded in eval_results.json / compare JSON, and passed to generate()."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (off) or a positive number of tokens, got {args.top_k}")
     steps = args.max_new_tokens if args.steps is None else args.steps
     return {
         "sampler": "fast" if args.alg == "fast" else "dream",
@@ -70,7 +78,7 @@ def decoding_settings(args) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "top_k": args.top_k,
+        "top_k": args.top_k or None,
         "alg_temp": args.alg_temp,
         "eps": args.eps,
         "threshold": args.threshold,
@@ -79,6 +87,13 @@ def decoding_settings(args) -> dict:
         "use_cache": not args.no_cache,
         "dual_cache": args.dual_cache,
     }
+
+
+def describe(decoding: dict) -> str:
+    """The settings that decide what is sampled, in one phrase (printed with every result)."""
+    steps = "" if decoding["steps"] is None else f", {decoding['steps']} steps"
+    return (f"alg {decoding['alg']}{steps}, temperature {decoding['temperature']}, "
+            f"top_k {decoding['top_k'] or 'off'}, top_p {decoding['top_p'] if decoding['top_p'] not in (None, 1) else 'off'}")
 
 
 def sampler_kwargs(decoding: dict) -> dict:
@@ -143,20 +158,11 @@ def encode_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> 
     return ids
 
 
-def stop_ids(lm) -> set[int]:
-    """Tokens that end an answer: eos (Dream fills the rest of the canvas with it), and a chat turn's end."""
-    tok = lm.tokenizer
-    ids = {tok.eos_token_id}
-    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-    if im_end is not None:
-        ids.add(im_end)
-    return {i for i in ids if i is not None}
-
-
-def decode_answer(lm, tokens: list[int], stops: set[int]) -> tuple[str, int]:
-    """(text up to the first stop token, its token count)."""
+def decode_answer(lm, tokens: list[int], skip_special_tokens: bool = False) -> tuple[str, int]:
+    """(text up to the first of the model's stop tokens (DiffusionLM.stop_ids), its token count)."""
+    stops = set(lm.stop_ids)
     n = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-    return lm.tokenizer.decode(tokens[:n], skip_special_tokens=False), n
+    return lm.tokenizer.decode(tokens[:n], skip_special_tokens=skip_special_tokens), n
 
 
 def batch_seed(seed: int, keys: list[str]) -> int:
@@ -175,7 +181,6 @@ def generate_batches(lm, prompts: list[list[int]], decoding: dict, *, batch_size
     keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    stops = stop_ids(lm)
     kw = sampler_kwargs(decoding)
     results: list[dict | None] = [None] * len(prompts)
     for b0 in range(0, len(order), batch_size):
@@ -192,7 +197,7 @@ def generate_batches(lm, prompts: list[list[int]], decoding: dict, *, batch_size
         new = out.sequences[:, width:].tolist()
         done = []
         for row, i in enumerate(idx):
-            text, n = decode_answer(lm, new[row], stops)
+            text, n = decode_answer(lm, new[row])
             results[i] = {"tokens": new[row], "response": text, "answer_tokens": n, "nfe": out.nfe, "time_s": dt}
             done.append(results[i])
         if on_batch is not None:
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     canvas = len(prompts) * decoding["max_new_tokens"]
     timing = (f"[{len(prompts)} x {decoding['max_new_tokens']} tokens in {elapsed:.2f} s: {canvas / elapsed:.1f} tokens/s; "
-              f"answers {sum(r['answer_tokens'] for r in results)} tokens; alg {args.alg}]")
+              f"answers {sum(r['answer_tokens'] for r in results)} tokens; {describe(decoding)}]")
 
     if args.input is not None:
         out_rows = [{**row, "response": r["response"], "answer_tokens": r["answer_tokens"], "nfe": r["nfe"]}

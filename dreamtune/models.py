@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dreamtune.kv_forward import GraphCache
-
 from dreamtune.atomic import replace_dir, temp_dir_beside
+from dreamtune.hub import resolve_dir
+from dreamtune.kv_forward import GraphCache
+from dreamtune.tokenizer import TURN_END_TOKENS, check_tokenizer, ids_of, load_tokenizer, save_tokenizer
 
 MASK_TOKEN = "<|mask|>"
 META_FILE = "dreamtune.json"
@@ -56,6 +57,7 @@ class DiffusionLM:
     mask_token_id: int
     shift: bool  # True: position i is scored from output i-1 (Dream); False: from output i (LLaDA)
     source: str = ""
+    source_dir: Path | None = None  # the directory it was loaded from (export copies its small files)
     # the fast sampler's CUDA graphs (made with the object, so concurrent generations share one lock)
     graph_cache: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
 
@@ -114,6 +116,23 @@ class DiffusionLM:
         h = self.hidden_at(input_ids, attention_mask, position_ids, positions, doc_ids)
         return self.model.get_output_embeddings()(h)  # [B, L, V] or [N, V]
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer: every eos id of the config, the generation config and the tokenizer
+        (lists included, as Llama 3's), pad (Dream fills the canvas after an answer with it), and the end of a
+        chat turn. Sorted, so tensors built from it are the same on every run."""
+        ids: set[int] = set()
+        for src in (self.model.config, getattr(self.model, "generation_config", None)):
+            for key in ("eos_token_id", "pad_token_id"):
+                ids.update(ids_of(getattr(src, key, None)))
+        tok = self.tokenizer
+        if tok is not None:
+            ids.update(i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None)
+            vocab = tok.get_vocab()
+            ids.update(vocab[t] for t in TURN_END_TOKENS if t in vocab)
+        ids.discard(self.mask_token_id)
+        return sorted(ids)
+
     def to(self, *args, **kwargs) -> "DiffusionLM":
         self.model.to(*args, **kwargs)
         return self
@@ -137,31 +156,6 @@ def document_attention_mask(doc_ids: torch.Tensor, implementation: str):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def resolve_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (weights, config, tokenizer) to the HF cache."""
-    p = Path(path_or_id).expanduser()
-    if p.is_dir():
-        return p
-    s = str(path_or_id)
-    looks_local = s.startswith((".", "/", "~")) or s.count("/") != 1 or p.exists()
-    if looks_local:
-        if p.exists():
-            raise NotADirectoryError(f"'{s}' is a file; pass the model's directory (the one holding config.json)")
-        raise FileNotFoundError(f"model directory '{s}' does not exist; pass a local model directory or a hub id like Dream-org/Dream-v0-Base-7B")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            s, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja"]
-        )
-    except Exception as e:  # offline, unknown repo, gated repo: all mean "use a local directory"
-        raise ValueError(
-            f"could not fetch '{s}' from the Hugging Face Hub ({type(e).__name__}); if this machine is offline, "
-            f"download the model elsewhere (huggingface-cli download {s} --local-dir DIR) and pass that directory"
-        ) from None
-    return Path(local)
-
-
 def read_config(d: Path) -> dict:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
@@ -182,29 +176,42 @@ def _dtype(dtype) -> torch.dtype | None:
     return names[dtype]
 
 
-def load_tokenizer(d: Path):
-    """The tokenizer in `d`, or None if it holds no tokenizer files. Dream's own tokenizer_config names a
-    remote-code DreamTokenizer; its encoding is Qwen2's, so we fall back to Qwen2TokenizerFast."""
-    has_files = any((d / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json"))
-    if not has_files:
-        return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def check_weights(d: Path) -> None:
+    """FileNotFoundError unless `d` holds weights, every shard its index names included (a partial download)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    present = [w for w in weights if (d / w).exists()]
+    if not present:
+        raise FileNotFoundError(f"{d} has a config but no weights (none of {', '.join(weights)}); point at a "
+                                f"complete model directory, e.g. RUN/checkpoint-final")
+    if present[0].endswith(".index.json"):
+        index = d / present[0]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ValueError(f"{index} is not a valid shard index (no weight_map); re-download the model") from None
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} lacks {len(missing)} of the {len(shards)} weight shards its index names "
+                                    f"(e.g. {missing[0]}): the download is incomplete; download it again")
 
-    tcfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-    if tcfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast") and (d / "tokenizer.json").exists():
-        # a generic tokenizer.json (dreamtune's tiny char tokenizer, say): AutoTokenizer would pick the model
-        # type's tokenizer class (Qwen2Tokenizer), whose pre-tokenizer changes how text splits
-        return PreTrainedTokenizerFast.from_pretrained(str(d))
-    try:
-        # Never run remote code (and never prompt for it on stdin).
-        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
-    except Exception:
-        if (d / "vocab.json").exists() and (d / "merges.txt").exists():
-            from transformers import Qwen2TokenizerFast
 
-            return Qwen2TokenizerFast(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"),
-                                      tokenizer_file=str(d / "tokenizer.json") if (d / "tokenizer.json").exists() else None)
-        raise
+def check_model_dir(path_or_id) -> str:
+    """What `train --dry-run` checks without loading weights: config, weights and a tokenizer that loads.
+    Returns a one-line summary; a hub id that is not in the local cache yet is reported, not fetched."""
+    d = resolve_dir(path_or_id, download=False)
+    if d is None:
+        return f"{path_or_id}: a hub id not in the local cache; training downloads it first"
+    cfg = read_config(d)
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{d}/config.json has model_type '{model_type}', which dreamtune cannot load; supported: "
+                         f"{', '.join(SUPPORTED_TYPES)}")
+    check_weights(d)
+    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
+    tok = load_tokenizer(d, {**cfg, **meta})
+    if tok is None:
+        raise ValueError(f"{d} has no tokenizer files; training needs one to render the data")
+    return f"{d}: model_type {model_type}, tokenizer of {len(tok)} tokens"
 
 
 def dream_to_qwen2_config(cfg: dict):
@@ -219,6 +226,23 @@ def dream_to_qwen2_config(cfg: dict):
     qcfg.is_causal = False
     qcfg.mask_token_id = cfg.get("mask_token_id")
     return qcfg
+
+
+def generation_config(d: Path):
+    """generation_config.json as a transformers GenerationConfig of its token ids alone (None if absent).
+    Dream's file also holds its sampler's settings (alg, steps, temperature 0 without do_sample), which
+    transformers would read as invalid generation flags and warn about; dreamtune's samplers take their
+    settings from the caller, and export copies the file itself."""
+    from transformers import GenerationConfig
+
+    path = d / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the model") from None
+    return GenerationConfig(**{k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None})
 
 
 def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = None,
@@ -238,71 +262,71 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
             f"{', '.join(SUPPORTED_TYPES)} (LLaDA checkpoints: convert to a llama directory first)"
         )
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
+    check_weights(d)
     tdtype = _dtype(dtype)
     # "auto": transformers' own choice (sdpa where it can)
     extra = {"attn_implementation": attn_implementation} if attn_implementation not in (None, "auto") else {}
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any((d / w).exists() for w in weights):
-        raise FileNotFoundError(f"{d} has a config but no weights (none of {', '.join(weights)}); point at a "
-                                f"complete model directory, e.g. RUN/checkpoint-final")
     if tdtype is not None:
         extra["dtype"] = tdtype
-    tokenizer = load_tokenizer(d)
+    gen = generation_config(d)
+    if gen is not None:
+        extra["generation_config"] = gen
+    mask_id = mask_token_id or meta.get("mask_token_id") or cfg.get("mask_token_id")
+    check_mask_id(mask_id, cfg.get("vocab_size"), d)
+    tokenizer = load_tokenizer(d, {**cfg, "mask_token_id": mask_id})
 
     if model_type == "Dream":
-        qcfg = dream_to_qwen2_config(cfg)
-        model = Qwen2ForCausalLM.from_pretrained(str(d), config=qcfg, **extra)
-        mask_id = mask_token_id or cfg.get("mask_token_id")
+        model = Qwen2ForCausalLM.from_pretrained(str(d), config=dream_to_qwen2_config(cfg), **extra)
         do_shift = True if shift is None else shift
     else:
-        hf_cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+        hf_cfg = AutoConfig.for_model(**cfg)  # from the dict: transformers never reads an auto_map here
         hf_cfg.is_causal = False
         model = AutoModelForCausalLM.from_pretrained(str(d), config=hf_cfg, **extra)
-        mask_id = mask_token_id or meta.get("mask_token_id") or getattr(hf_cfg, "mask_token_id", None)
         do_shift = shift if shift is not None else bool(meta.get("shift", True))
     model.config.is_causal = False
 
     if mask_id is None:
         mask_id = add_mask_token(model, tokenizer, d)
-    if tokenizer is not None and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # Dream: pad == eos, and trailing pads are trained targets
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
-    if not 0 <= int(mask_id) < vocab_rows:
-        raise ValueError(f"mask_token_id {mask_id} is outside the embedding table ({vocab_rows} rows); fix mask_token_id in {d}/config.json or {META_FILE}")
+    check_mask_id(mask_id, model.get_input_embeddings().weight.shape[0], d)
     model.config.mask_token_id = int(mask_id)
     if device is not None:
         model.to(device)
     model.eval()
-    return DiffusionLM(model=model, tokenizer=tokenizer, mask_token_id=int(mask_id), shift=do_shift, source=str(path_or_id))
+    return DiffusionLM(model=model, tokenizer=tokenizer, mask_token_id=int(mask_id), shift=do_shift,
+                       source=str(path_or_id), source_dir=d)
+
+
+def check_mask_id(mask_id, rows: int | None, d: Path) -> None:
+    if mask_id is not None and rows is not None and not 0 <= int(mask_id) < rows:
+        raise ValueError(f"mask_token_id {mask_id} is outside the embedding table ({rows} rows); fix mask_token_id in "
+                         f"{d}/config.json or {META_FILE}")
 
 
 def add_mask_token(model: nn.Module, tokenizer, d: Path | str = "") -> int:
-    """Give an autoregressive checkpoint a mask token: reuse `<|mask|>` if the tokenizer has it, else add it
-    and grow the embeddings by one row initialised to the mean embedding (a neutral start)."""
+    """Give an autoregressive checkpoint a mask token: reuse `<|mask|>` if the tokenizer has it, else add it.
+    A newly added token's embedding rows start at the mean of the real tokens' rows (a neutral start), whether
+    the table grows or the token lands on an untrained padding row (Qwen2.5's tables have spare rows)."""
     if tokenizer is None:
         raise ValueError(f"'{d}' has no mask token id and no tokenizer to add one to; pass mask_token_id=... or add tokenizer files")
     tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    if tid is None or tid == tokenizer.unk_token_id:
-        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
-        tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tid >= rows:
-        with torch.no_grad():
-            mean_in = model.get_input_embeddings().weight.mean(0)
-            model.resize_token_embeddings(tid + 1, mean_resizing=False)
-            model.get_input_embeddings().weight[rows:] = mean_in
-            out = model.get_output_embeddings()
-            if out is not None and out.weight.shape[0] > rows and out.weight is not model.get_input_embeddings().weight:
-                out.weight[rows:] = out.weight[:rows].mean(0)
+    if tid is not None and tid != tokenizer.unk_token_id:
+        return int(tid)
+    n_real = len(tokenizer)  # rows of real tokens, before the new one
+    tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+    tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tid >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(tid + 1, mean_resizing=False)
+    with torch.no_grad():
+        tables = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not tables[0]:
+            tables.append(out.weight)
+        for w in tables:
+            w[tid] = w[:n_real].mean(0)
     return int(tid)
 
 
 # ----------------------------------------------------------------------------------------------- saving
-
-
-def _atomic_dir(out: Path):
-    """A temporary directory beside `out`; the caller renames it into place when complete."""
-    return temp_dir_beside(out)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -310,8 +334,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def legacy_rope(config) -> dict:
+    """`rope_theta` and `rope_scaling` as transformers 4.x reads them (it ignores transformers 5's
+    `rope_parameters` and would fall back to rope_theta 10000)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return {"rope_theta": theta, "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope}
+
+
+def special_ids(lm: DiffusionLM) -> dict:
+    """bos/eos/pad/mask ids as the model's config has them (the source's, unless training changed them),
+    the tokenizer's where the config has none."""
+    c, tok = unwrap(lm.model).config, lm.tokenizer
+    ids = {k: getattr(c, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if tok is not None:
+        for k in ids:
+            ids[k] = ids[k] if ids[k] is not None else getattr(tok, k)
+    return {**ids, "mask_token_id": lm.mask_token_id}
+
+
 def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None = None) -> Path:
-    """Write an HF directory (safetensors in `dtype`, config with is_causal false, tokenizer, dreamtune.json).
+    """Write an HF directory (safetensors in `dtype`, config with is_causal false, tokenizer, dreamtune.json)
+    that dreamtune, transformers 5 and transformers 4.46 read alike (rope_theta beside rope_parameters, the
+    chat template in tokenizer_config.json). The source's generation_config.json is kept.
 
     state_dict: plain HF keys (e.g. gathered from an FSDP model, LoRA merged); default: the model's own.
     The weights are written through a skeleton on the meta device, so no second copy is allocated."""
@@ -320,19 +365,24 @@ def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None 
     out = Path(out)
     config = unwrap(lm.model).config
     config.is_causal = False
+    ids = special_ids(lm)
+    if lm.tokenizer is not None:  # never write a worse directory than the source
+        check_tokenizer(lm.tokenizer, lm.source_dir or Path(lm.source or "."), ids)
     sd = state_dict if state_dict is not None else unwrap(lm.model).state_dict()
     sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
-    tmp = _atomic_dir(out)
+    tmp = temp_dir_beside(out)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         skeleton.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())
-        cfg["dtype"] = str(dtype).replace("torch.", "")
-        cfg["is_causal"] = False
+        cfg.update(ids, dtype=str(dtype).replace("torch.", ""), is_causal=False, **legacy_rope(config))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        source_gen = lm.source_dir / "generation_config.json" if lm.source_dir is not None else None
+        if source_gen is not None and source_gen.is_file():
+            shutil.copyfile(source_gen, tmp / "generation_config.json")
         if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(lm.tokenizer, tmp, source=lm.source_dir)
         (tmp / META_FILE).write_text(json.dumps({"mask_token_id": lm.mask_token_id, "shift": lm.shift}, indent=2))
         replace_dir(tmp, out)
     finally:
@@ -344,26 +394,21 @@ def save_dream(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | No
     """Write a Dream-format directory: config.json with model_type "Dream", architectures ["DreamModel"] and
     Dream's keys; weights under the same names (Dream's modules are named as Qwen2's). Dream's remote code
     (configuration_dream.py, modeling_dream.py from the Dream-org hub repo) can be dropped beside it; the
-    config's auto_map already points at those files."""
+    config's auto_map already points at those files. The tokenizer is written as Qwen2Tokenizer files
+    (what Dream's remote DreamTokenizer reads), with no auto_map."""
     if not lm.shift:
         raise ValueError("a Dream-format export needs a shifting model (Dream scores position i from output i-1); this model does not shift")
     c = unwrap(lm.model).config
     if c.model_type != "qwen2":
         raise ValueError(f"a Dream-format export needs a Qwen2-architecture model; this one is {c.model_type}; use save_hf instead")
     out = save_hf(lm, out, dtype=dtype, state_dict=state_dict)
-    tok = lm.tokenizer
     dream_cfg = {k: getattr(c, k) for k in _DREAM_TO_QWEN2_KEYS if k not in ("rope_theta", "rope_scaling") and hasattr(c, k)}
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    dream_cfg["rope_theta"] = rope.pop("rope_theta", 10000.0)
-    dream_cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    dream_cfg.update(legacy_rope(c))
     dream_cfg.update(
+        special_ids(lm),
         model_type="Dream",
         architectures=["DreamModel"],
         auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-        mask_token_id=lm.mask_token_id,
-        pad_token_id=tok.pad_token_id if tok is not None else dream_cfg.get("pad_token_id"),
-        bos_token_id=(tok.convert_tokens_to_ids("<|beginoftext|>") if tok is not None and "<|beginoftext|>" in tok.get_vocab() else dream_cfg.get("bos_token_id")),
-        eos_token_id=tok.eos_token_id if tok is not None else dream_cfg.get("eos_token_id"),
         torch_dtype=str(dtype).replace("torch.", ""),
         use_cache=False,
     )

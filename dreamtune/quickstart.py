@@ -103,15 +103,6 @@ def encode_prompts(tokenizer, prompts: list[str]):
     return input_ids, mask
 
 
-def decode_answer(tokenizer, tokens) -> str:
-    """The generated text up to the first eos (what a reader sees; the grader reads its Answer line)."""
-    tokens = list(tokens)
-    eos = tokenizer.eos_token_id
-    if eos in tokens:
-        tokens = tokens[:tokens.index(eos)]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
 def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: dict, seed: int,
                        out_path: Path, batch_size: int = 50) -> dict:
     """Generate for every row with the real sampler, grade with the real grader, write OUT (eval results)
@@ -120,6 +111,7 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
     results dict."""
     import torch
 
+    from dreamtune.generate_cli import decode_answer
     from dreamtune.models import load
     from dreamtune.sampling import generate
     from dreamtune.tasks.synthetic import final_answer, grade_synthetic
@@ -127,7 +119,6 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
     t0 = time.time()
     lm = load(model_dir, dtype="fp32")
     g = torch.Generator().manual_seed(seed)
-    eos = lm.tokenizer.eos_token_id
     samples, gen_time = [], 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -139,7 +130,7 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
         seqs = out.sequences  # [B, P + max_new_tokens]
         for k, r in enumerate(chunk):
             new = seqs[k, input_ids.shape[1]:].tolist()
-            response = decode_answer(lm.tokenizer, new)
+            response, n_answer = decode_answer(lm, new, skip_special_tokens=True)
             correct = grade_synthetic(task, response, r["answer"])
             extracted = final_answer(response)
             seen = lm.tokenizer.decode(input_ids[k][mask[k].bool()].tolist(), skip_special_tokens=False)
@@ -147,7 +138,7 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
                             "response": response, "answer": r["answer"], "extracted": extracted,
                             "correct": correct, "stage": "exact" if correct else "none",
                             "how": "exact match of the Answer line", "error": None,
-                            "answer_tokens": new.index(eos) if eos in new else len(new), "nfe": out.nfe,
+                            "answer_tokens": n_answer, "nfe": out.nfe,
                             "time_s": round(dt, 4), "config_id": None})
     n_ok = sum(s["correct"] for s in samples)
     n = max(len(samples), 1)

@@ -390,6 +390,9 @@ def dry_run(cfg) -> int:
     missing = [f for f in list(cfg.data.train_files) + list(cfg.data.val_files) if not Path(f).exists()]
     if missing:
         raise FileNotFoundError(f"data file '{missing[0]}' not found; prepare it with 'dreamtune data prepare' or fix data.train_files/val_files")
+    from dreamtune.models import check_model_dir
+
+    print(f"# model: {check_model_dir(cfg.model.partial_pretrain)}")  # config, weights, tokenizer; no weights read
     n = count_rows(cfg.data.train_files)
     plan = plan_steps(cfg, n, world)
     print("# plan: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in plan.items()))

@@ -86,7 +86,8 @@ def test_render_canvas_marks_masks_and_hides_eos(lm):
     tok = lm.tokenizer
     ids = tok("ab", add_special_tokens=False).input_ids
     assert D.render_canvas(tok, [ids[0], lm.mask_token_id, ids[1], tok.eos_token_id], lm.mask_token_id) == f"a{D.MASK_GLYPH}b"
-    assert D.final_text(tok, ids + [tok.eos_token_id] + ids) == "ab"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert D.render_canvas(tok, [ids[0], im_end, ids[1]], lm.mask_token_id, lm.stop_ids) == "ab"
 
 
 def test_cli_binds_localhost_by_default(monkeypatch, lm):

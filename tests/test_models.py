@@ -123,7 +123,7 @@ def test_plain_hf_causal_lm_loads_as_diffusion_model(tmp_path, arch):
 
 
 def test_dream_tokenizer(dream_tokenizer_dir):
-    tok = models.load_tokenizer(dream_tokenizer_dir)
+    tok = models.load_tokenizer(dream_tokenizer_dir, {})
     assert tok.convert_tokens_to_ids("<|mask|>") == 151666
     assert tok.eos_token_id == 151643 and tok.pad_token_id == 151643
     assert tok.convert_tokens_to_ids("<|im_start|>") == 151644 and tok.convert_tokens_to_ids("<|im_end|>") == 151645
@@ -177,14 +177,24 @@ def test_error_mask_id_outside_vocab(tmp_path):
         models.load(out)
 
 
-def test_error_hub_id_offline():
+def test_error_hub_id_offline(tmp_path):
     code = ("from dreamtune.cli import main; import sys; "
-            "sys.exit(main(['export', 'some-org/some-model-that-is-not-here', '--out', '/tmp/x']))")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            f"sys.exit(main(['export', 'some-org/some-model-that-is-not-here', '--out', {str(tmp_path / 'x')!r}]))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "could not fetch" in lines[0] and "pass that directory" in lines[0]
+    assert len(lines) == 1 and "could not be fetched" in lines[0] and "pass that directory" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_mistyped_local_path_is_named_at_once(tmp_path, monkeypatch):
+    """`checkpoints/nope` beside a checkpoints/ folder is a missing local directory, not a hub id to fetch."""
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it looked up on the Hub, the error would say so
+    with pytest.raises(FileNotFoundError, match="'checkpoints/nope' does not exist"):
+        models.load("checkpoints/nope")
 
 
 def test_char_tokenizer_round_trip():
