@@ -1,7 +1,7 @@
 """Training configuration: OmegaConf structured dataclasses, YAML recipes and dotted key=value overrides.
 
-Every key of the upstream Dream trainer is accepted (see ../shared/notes/dream-reference.md section 3),
-plus dreamtune's own. The user's plan writes two keys the upstream trainer does not have; they are
+Every key of the upstream Dream trainer (DreamLM/Dream, src/trainer) is accepted, plus dreamtune's own.
+Two keys that Dream launch lines in circulation write, and the upstream trainer does not have, are
 accepted as aliases:
 
     data.enable_perbatch_cutoff -> data.perbatch_cutoff

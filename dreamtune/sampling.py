@@ -5,8 +5,8 @@
                    temperature=0.2, generator=torch.Generator().manual_seed(0))
     out.sequences  # [B, L + 256]: the prompt, unchanged, then the answer (eos-filled at the end)
 
-`alg` is one of Dream's `origin`, `maskgit_plus`, `topk_margin`, `entropy` (this module, semantics of
-docs ../shared/notes/dream-reference.md section 5), or `fast` (dreamtune.fast_sampling: block-wise decoding
+`alg` is one of Dream's `origin`, `maskgit_plus`, `topk_margin`, `entropy` (this module, with the semantics
+of Dream's `diffusion_generate`), or `fast` (dreamtune.fast_sampling: block-wise decoding
 with a confidence threshold and an approximate KV cache, after Fast-dLLM).
 
 Dream's loop, as implemented here:

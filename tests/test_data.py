@@ -441,7 +441,7 @@ def test_validate_and_download_bad_inputs(tmp_path, capsys):
                  match="column 'response' not found")
     write_parquet([{"prompt": "q", "response": "a"}], out.parent / "ok.parquet")
     assert_fails(capsys, out, "validate", "--data", out.parent / "ok.parquet", "--tokenizer", tmp_path / "no-tok",
-                 "--max-length", 10, match="tokenizer directory not found")
+                 "--max-length", 10, match="no-tok' does not exist")
     assert_fails(capsys, out, "download", tmp_path / "missing.jsonl", "--out", out, match="no such file")
     # a hub id without a network fails fast, pointing at local files (with one, it does not exist)
     err = assert_fails(capsys, out, "download", "dreamtune-tests/no-such-dataset", "--out", out,
