@@ -7,6 +7,7 @@ Nothing here downloads anything. Real runs use a real tokenizer (Dream's is Qwen
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 from dreamtune.models import DiffusionLM, new_model, tiny_config
 
@@ -47,3 +48,49 @@ def tiny_lm(arch: str = "qwen2", alphabet: str = DEFAULT_ALPHABET, hidden_size: 
                       intermediate_size=intermediate_size or 4 * hidden_size, max_positions=max_positions,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     return new_model(cfg, tokenizer=tok, shift=shift, seed=seed)
+
+
+def write_shards(model, out: Path, weight_map: dict[str, str]) -> None:
+    """The model's tensors into the safetensors shards `weight_map` names (restricted to the model's own
+    parameters), and the index beside them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    names = {k: f for k, f in weight_map.items() if k in sd}
+    assert set(names) == set(sd), f"the index lacks {sorted(set(sd) - set(names))[:3]}"
+    for f in sorted(set(names.values())):
+        save_file({k: sd[k].detach().contiguous().cpu() for k in names if names[k] == f}, str(out / f), metadata={"format": "pt"})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": names}, indent=2))
+
+
+def random_download(layout: Path, out: Path, extra_files=(), shape: dict | None = None, dtype=None, device=None,
+                    seed: int = 0) -> Path:
+    """A Dream-format Hub download with random weights: the small files of `layout` (config.json, tokenizer
+    files, shard index) and `extra_files` copied as they are, config.json's shape keys replaced by `shape`
+    (None: the real shape), random weights written into the shards the layout's index names."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from dreamtune.models import dream_to_qwen2_config
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    for f in [*Path(layout).iterdir(), *map(Path, extra_files)]:
+        shutil.copyfile(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    if shape:
+        cfg.update(shape, max_window_layers=shape.get("num_hidden_layers", cfg.get("max_window_layers")))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(dream_to_qwen2_config(cfg))
+    if dtype is not None:
+        model.to(dtype)
+    write_shards(model, out, json.loads((Path(layout) / "model.safetensors.index.json").read_text())["weight_map"])
+    return out

@@ -17,40 +17,14 @@ from pathlib import Path
 
 import torch
 
+from dreamtune.tiny import random_download, write_shards
+
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
 
 
-def _write_shards(model, out: Path, weight_map: dict[str, str]) -> None:
-    """The model's tensors into the shard files `weight_map` names, and the index."""
-    from safetensors.torch import save_file
-
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    names = {k: f for k, f in weight_map.items() if k in sd}
-    assert set(names) == set(sd), f"the index lacks {sorted(set(sd) - set(names))[:3]}"
-    for f in sorted(set(names.values())):
-        save_file({k: sd[k] for k in names if names[k] == f}, str(out / f), metadata={"format": "pt"})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": names}))
-
-
 def dream_download(layout: Path, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
-    from transformers import Qwen2ForCausalLM
-
-    from dreamtune.models import dream_to_qwen2_config
-
-    out.mkdir(parents=True)
-    for f in layout.iterdir():
-        shutil.copyfile(f, out / f.name)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copyfile(tokenizer_dir / f, out / f)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(TINY_SHAPE, max_window_layers=TINY_SHAPE["num_hidden_layers"])
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(dream_to_qwen2_config(cfg))
-    _write_shards(model, out, json.loads((layout / "model.safetensors.index.json").read_text())["weight_map"])
-    return out
+    return random_download(layout, out, [tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt"], TINY_SHAPE, seed=seed)
 
 
 def _weight_map(model, shards: int = 2) -> dict[str, str]:
@@ -86,7 +60,7 @@ def qwen25_download(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
                       **TINY_SHAPE)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
-    _write_shards(model, out, _weight_map(model))
+    write_shards(model, out, _weight_map(model))
     cfg_json = cfg.to_dict()
     cfg_json.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     (out / "config.json").write_text(json.dumps(cfg_json, indent=2))
