@@ -31,6 +31,7 @@ from dreamtune.generate_cli import (
     load_model,
     parser,
     read_prompt_rows,
+    recorded_settings,
     render_prompt,
 )
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy: base {100 * summary['base_accuracy']:.1f}%  tuned {100 * summary['tuned_accuracy']:.1f}%  "
               f"({len(rows)} problems)")
     result = {
-        "base": args.base, "tuned": args.tuned, "decoding": decoding, "seed": args.seed,
+        "base": args.base, "tuned": args.tuned, "decoding": recorded_settings(decoding), "seed": args.seed,
         "prompt_format": args.prompt_format if args.task else ("chat" if args.chat else "raw"),
         "task": args.task, "rows": out_rows, "summary": summary,
         "time_s": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},

@@ -38,6 +38,7 @@ from dreamtune.generate_cli import (
     generate_batches,
     load_model,
     parser,
+    recorded_settings,
     render_prompt,
 )
 
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     model_ref = str(model_path.resolve()) if model_path.is_dir() else str(args.model)
     config = {"model": model_ref, "prompt_format": args.prompt_format,
               "system_prompt": (args.system_prompt or None) if args.prompt_format == "chat" else None,
-              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": decoding, "seed": args.seed}
+              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": recorded_settings(decoding),
+              "seed": args.seed}
     cid = config_id(config)
 
     problems, names = build_problems(args)
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": model_ref,
         "tasks": summarize_tasks(merged, order, names),
-        "decoding": decoding,
+        "decoding": config["decoding"],
         "prompt_format": args.prompt_format,
         "system_prompt": config["system_prompt"],
         "shots": config["shots"],

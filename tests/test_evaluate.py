@@ -68,6 +68,7 @@ def test_eval_end_to_end(model_dir, tmp_path):
         assert s["total"] == 5 and 0 <= s["correct"] <= 5 and set(s["by_stage"]) >= {"exact", "none"}
     d = summary["decoding"]
     assert (d["alg"], d["steps"], d["max_new_tokens"], d["temperature"]) == ("entropy", 4, 16, 0.2)
+    assert not set(d) & {"threshold", "block_length", "tokens_per_step", "use_cache", "dual_cache"}  # fast's only
     assert summary["model"] == str(Path(model_dir).resolve()) and summary["prompt_format"] == "chat"
     assert summary["time_s"] > 0 and summary["seed"] == 0 and summary["created"]
     rows = read_jsonl(out.with_name("eval_results.samples.jsonl"))
@@ -86,7 +87,9 @@ def test_eval_fewshot(model_dir, tmp_path):
                 "--prompt-format", "fewshot", "--shots", "1", "--alg", "fast", "--out", str(out), *FAST]) == 0
     rows = read_jsonl(tmp_path / "few.samples.jsonl")
     assert len(rows) == 2 and rows[0]["prompt"].count("Question:") == 2
-    assert json.loads(out.read_text())["decoding"]["sampler"] == "fast"
+    d = json.loads(out.read_text())["decoding"]
+    assert d["sampler"] == "fast" and {"threshold", "block_length", "use_cache", "dual_cache"} <= set(d)
+    assert not set(d) & {"steps", "eps", "alg_temp"}  # Dream's sampler's only
 
 
 @needs_data
@@ -201,6 +204,10 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--json", "--seed", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["decoding"]["max_new_tokens"] == 16 and res["tokens_per_s"] > 0 and res["nfe"] >= 1
+    assert "steps" in res["decoding"] and "threshold" not in res["decoding"]
+    assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--json", "--alg", "fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)["decoding"]
+    assert "threshold" in fast and "steps" not in fast and "eps" not in fast
     assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--seed", "1"]) == 0
     cap = capsys.readouterr()
     assert cap.out.rstrip("\n") == res["response"] and "tokens/s" in cap.err
