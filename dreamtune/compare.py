@@ -1,11 +1,12 @@
 """`dreamtune compare`: base vs tuned model, side by side, with identical decoding settings and seed.
 
     dreamtune compare --base Dream-org/Dream-v0-Base-7B --tuned runs/s1k/checkpoint-final \
-        --task gsm8k --n 20 --data-dir ../shared/data/eval --out results/compare.json
+        --task gsm8k --n 20 --data-dir data/eval --out results/compare.json
     dreamtune compare --base DIR --tuned DIR --prompts prompts.jsonl --chat --max-new-tokens 256
 
 Prompts come from a file (JSONL rows with `prompt` or `messages` and an optional `answer`, or a text
-file with one prompt per line) or from the first K problems of a benchmark. Both models see the same
+file with one prompt per line) or from the first K problems of a benchmark, whose files are found as
+`dreamtune eval` finds them (--data-dir, $DREAMTUNE_EVAL_DATA, ./data/eval, else the Hub). Both models see the same
 prompts, settings and per-batch seeds; the models are loaded one after the other (one in memory at a
 time). Prints the two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
 """
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=Path, help="JSONL ({prompt|messages, answer?}) or text file, one prompt per line")
     ap.add_argument("--task", choices=list(tasks.TASKS), help="use the first --n problems of this benchmark")
     ap.add_argument("--n", type=int, default=10, help="problems with --task (default %(default)s)")
-    ap.add_argument("--data-dir", default=None, help="benchmark files in the ../shared/data/eval layout")
-    ap.add_argument("--prompt-format", default="chat", choices=tasks.PROMPT_FORMATS, help="with --task (default %(default)s)")
+    tasks.add_benchmark_args(ap)  # with --task
     ap.add_argument("--chat", action="store_true", help="with --prompts: wrap text prompts in the chat template")
     ap.add_argument("--system", default=None, help="system turn for chat prompts (default: the benchmark prompt's "
                     "with --task, none with --prompts, as `dreamtune generate --chat`; '' for none)")
@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give either --prompts FILE or --task NAME --n K")
     check_writable(args.out)
     decoding = decoding_settings(args)
+    data_from = "--data-dir"
+    if args.task:
+        args.data_dir, data_from = tasks.resolve_data_dir(args.data_dir)
     rows = task_prompts(args) if args.task else read_prompts_file(args.prompts)
+    if data_from != "--data-dir":  # found by itself: say where
+        print(f"benchmark files: {args.data_dir or 'the Hugging Face Hub'}"
+              + (f" (from {data_from})" if args.data_dir else ""), file=sys.stderr)
     chat = args.prompt_format == "chat" if args.task else args.chat
 
     base, base_s, rendered = run_model(args.base, rows, args, decoding, chat)

@@ -172,6 +172,55 @@ def test_config_check_and_torn_lines(tmp_path):
         evaluate.read_rows(p)
 
 
+# --------------------------------------------------------------------------------------- local benchmark files
+
+
+def write_bench(root: Path, n: int = 2) -> Path:
+    """root/gsm8k/test.jsonl in GSM8K's own format, made up here (n rows)."""
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does he have?",
+             "answer": f"He has {i} + {i + 1} = {2 * i + 1} apples.\n#### {2 * i + 1}"} for i in range(1, n + 1)]
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_eval_and_compare_find_local_files_and_share_defaults(model_dir, tmp_path, monkeypatch, capsys):
+    """No --data-dir, no --prompt-format: both verbs read ./data/eval, then $DREAMTUNE_EVAL_DATA, in chat."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DREAMTUNE_EVAL_DATA", raising=False)
+    write_bench(tmp_path / "data" / "eval", n=2)
+    assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--out", "results/eval_results.json", *FAST]) == 0
+    summary = json.loads((tmp_path / "results" / "eval_results.json").read_text())
+    assert summary["data_dir"] == str(Path("data") / "eval") and summary["prompt_format"] == "chat"
+    assert summary["tasks"]["gsm8k"]["total"] == 2
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--task", "gsm8k", "--n", "5",
+                "--max-new-tokens", "8", "--out", "results/compare.json"]) == 0
+    cmp = json.loads((tmp_path / "results" / "compare.json").read_text())
+    assert cmp["prompt_format"] == "chat" and [r["answer"] for r in cmp["rows"]] == ["3", "5"]
+    assert "benchmark files: data/eval (from the default folder ./data/eval)" in capsys.readouterr().err
+
+    mine = write_bench(tmp_path / "elsewhere", n=3)  # the setting wins over the default folder
+    monkeypatch.setenv("DREAMTUNE_EVAL_DATA", str(mine))
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--task", "gsm8k", "--n", "5",
+                "--max-new-tokens", "8", "--out", "results/c2.json"]) == 0
+    assert len(json.loads((tmp_path / "results" / "c2.json").read_text())["rows"]) == 3
+    capsys.readouterr()
+    monkeypatch.setenv("DREAMTUNE_EVAL_DATA", str(tmp_path / "typo"))
+    assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--out", "results/e2.json", *FAST]) == 2
+    assert "DREAMTUNE_EVAL_DATA" in one_error_line(capsys) and not (tmp_path / "results" / "e2.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["compare"], ["generate"], ["grade"], ["report"], ["export"], ["demo"],
+                                  ["quickstart"], ["doctor"], ["data", "download"], ["data", "prepare"],
+                                  ["data", "validate"]])
+def test_help_names_no_path_outside_the_repository(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli([*argv, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and "../" not in text and "shared/" not in text
+
+
 # --------------------------------------------------------------------------------------- compare, generate
 
 
@@ -225,7 +274,7 @@ def test_generate_cli(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--model", "/nonexistent/model", "--tasks", "gsm8k", "--prompt-format", "chat"], "does not exist"),
     (["eval", "--model", "MODEL", "--tasks", "gsm8k,bogus", "--prompt-format", "chat"], "unknown task 'bogus'"),
-    (["eval", "--model", "MODEL", "--tasks", "gsm8k"], "--prompt-format"),
+    (["eval", "--model", "MODEL", "--tasks", "gsm8k", "--data-dir", "TMP/no-such-folder"], "does not exist"),
     (["eval", "--model", "MODEL", "--prompt-format", "chat", "--alg", "nope"], "invalid choice"),
     (["generate", "--model", "/nonexistent/model", "hi"], "does not exist"),
     (["generate", "--model", "MODEL", "hi", "--bogus-flag"], "unrecognized arguments"),
