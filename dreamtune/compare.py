@@ -8,7 +8,7 @@ Prompts come from a file (JSONL rows with `prompt` or `messages` and an optional
 file with one prompt per line) or from the first K problems of a benchmark, whose files are found as
 `dreamtune eval` finds them (--data-dir, $DREAMTUNE_EVAL_DATA, ./data/eval, else the Hub). Both models see the same
 prompts, settings and per-batch seeds; the models are loaded one after the other (one in memory at a
-time). Prints the two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
+time), with one progress bar (and the time left) over both models' answers. Prints the two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
 """
 
 from __future__ import annotations
@@ -61,16 +61,20 @@ def task_prompts(args) -> list[dict]:
                                          shots=shots), "answer": r["answer"], "id": str(r["id"])} for r in rows]
 
 
-def run_model(path, rows, args, decoding, chat: bool) -> tuple[list[str], float, list[str]]:
-    """Responses of one model to every row, the seconds it took, and the rendered prompts."""
+def run_model(path, rows, args, decoding, chat: bool, bar=None, name: str = "") -> tuple[list[str], float, list[str]]:
+    """Responses of one model to every row, the seconds it took, and the rendered prompts; `bar` (a tqdm
+    bar over both models' answers) advances a batch at a time."""
     import torch
 
     lm = load_model(path, args.device, args.dtype, args.compile)
     system = None if args.task else (args.system or None)  # free prompts: a system turn only when asked, as generate
     encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
     rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]
+    if bar is not None:
+        bar.set_description(f"compare {name}")
     t0 = time.perf_counter()
-    results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed)
+    results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed,
+                               on_batch=(lambda idx, done: bar.update(len(idx))) if bar is not None else None)
     dt = time.perf_counter() - t0
     responses = [r["response"] for r in results]
     if args.task:
@@ -122,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (from {data_from})" if args.data_dir else ""), file=sys.stderr)
     chat = args.prompt_format == "chat" if args.task else args.chat
 
-    base, base_s, rendered = run_model(args.base, rows, args, decoding, chat)
-    tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat)
+    from tqdm import tqdm
+
+    # one bar over both models' answers, as eval's: the ETA covers the whole comparison
+    bar = tqdm(total=2 * len(rows), desc="compare", unit="answer", file=sys.stderr, dynamic_ncols=True)
+    base, base_s, rendered = run_model(args.base, rows, args, decoding, chat, bar, "base")
+    tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat, bar, "tuned")
+    bar.close()
 
     graded = args.task is not None or all(r.get("answer") is not None for r in rows)
     out_rows = [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(rendered, base, tuned)]

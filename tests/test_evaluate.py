@@ -204,7 +204,8 @@ def test_eval_and_compare_find_local_files_and_share_defaults(model_dir, tmp_pat
     assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--task", "gsm8k", "--n", "5",
                 "--max-new-tokens", "8", "--out", "results/c2.json"]) == 0
     assert len(json.loads((tmp_path / "results" / "c2.json").read_text())["rows"]) == 3
-    capsys.readouterr()
+    err = capsys.readouterr().err  # compare's progress bar: both models' answers, with the time left
+    assert "compare base" in err and "compare tuned" in err and "6/6" in err and "<" in err
     monkeypatch.setenv("DREAMTUNE_EVAL_DATA", str(tmp_path / "typo"))
     assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--out", "results/e2.json", *FAST]) == 2
     assert "DREAMTUNE_EVAL_DATA" in one_error_line(capsys) and not (tmp_path / "results" / "e2.json").exists()
