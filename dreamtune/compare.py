@@ -6,9 +6,10 @@
 
 Prompts come from a file (JSONL rows with `prompt` or `messages` and an optional `answer`, or a text
 file with one prompt per line) or from the first K problems of a benchmark, whose files are found as
-`dreamtune eval` finds them (--data-dir, $DREAMTUNE_EVAL_DATA, ./data/eval, else the Hub). Both models see the same
-prompts, settings and per-batch seeds; the models are loaded one after the other (one in memory at a
-time), with one progress bar (and the time left) over both models' answers. Prints the two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
+`dreamtune eval` finds them (--data-dir, $DREAMTUNE_EVAL_DATA, ./data/eval, else the Hub). Both models
+see the same prompts, settings and per-batch seeds; the models are loaded one after the other (one in
+memory at a time), under one progress bar (with the time left) over both models' answers. Prints the
+two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
 """
 
 from __future__ import annotations
