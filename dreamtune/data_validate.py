@@ -22,6 +22,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dreamtune.validation_files import choose_report_path, default_report_path, report_settings  # noqa: F401
+
 # Rows with these columns are s1K-1.1's: a missing column then comes with a pointer to --format s1k-1.1.
 S1K11_COLUMNS = ("deepseek_thinking_trajectory", "deepseek_attempt", "gemini_thinking_trajectory")
 ANSWER_RULE = ("the last \\boxed{...}, '####' line or 'Answer:' text of the response; lost under right "
@@ -175,78 +177,6 @@ def _load_splits(data: str) -> dict[str, list[dict]]:
     if path.is_dir() and any(f.exists() for f in named.values()):
         return {s: read_rows(f) for s, f in named.items() if f.exists()}
     return {path.stem if path.is_file() else "all": read_rows(path)}
-
-
-def default_report_path(data: str) -> Path:
-    """DIR/validation.json for a prepared DIR (or a file in one); otherwise ./NAME.validation.json, so
-    that checking someone else's data never writes into their folder."""
-    path = Path(data).expanduser()
-    home = path if path.is_dir() else path.parent
-    if (home / "manifest.json").exists():
-        return home / "validation.json"
-    return Path.cwd() / f"{path.stem if path.is_file() else path.name}.validation.json"
-
-
-def report_settings(data: str, tokenizer_name: str, max_length: int, prompt_key: str, response_key: str) -> dict:
-    """What a report depends on: two reports with equal settings describe the same thing."""
-    return {"data": str(Path(data).expanduser().resolve()), "tokenizer": str(tokenizer_name), "max_length": int(max_length),
-            "prompt_column": prompt_key, "response_column": response_key}
-
-
-def _settings_of(path: Path) -> dict | None:
-    """The settings of the report at `path` (reports before `settings` was recorded: from their fields);
-    None when the file is not a readable validation report."""
-    import json
-
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(old, dict):
-        return None
-    if isinstance(old.get("settings"), dict):
-        return old["settings"]
-    if "max_length" not in old:
-        return None
-    return {"data": str(Path(str(old.get("data", ""))).expanduser().resolve()), "tokenizer": str(old.get("tokenizer")),
-            "max_length": old.get("max_length"), "prompt_column": "prompt", "response_column": "response"}
-
-
-def _describe(settings: dict | None) -> str:
-    if not settings:
-        return "other contents"
-    return f"tokenizer {settings.get('tokenizer')}, max_length {settings.get('max_length')}"
-
-
-def choose_report_path(data: str, out: str | None, settings: dict) -> tuple[Path, str | None]:
-    """(where the report goes, a notice for the user or None). --out is used as given (replacing a
-    report made with other settings is said). Without it, the default path is used unless it holds a
-    report of other settings (the dataset's own, say at max_length 2048): a what-if such as
-    --max-length 16 then goes to a side file named by what differs (validation.max_length-16.json),
-    so the dataset's report, which the trainer copies into its runs, is never replaced silently."""
-    if out:
-        path = Path(out).expanduser()
-        old = _settings_of(path) if path.is_file() else settings
-        note = None if old == settings else f"replaced {path}, which held a report of {_describe(old)}"
-        return path, note
-    default = default_report_path(data)
-    if not default.exists():
-        return default, None
-    old = _settings_of(default)
-    if old == settings:
-        return default, None  # the same report, measured again
-    differs = [k for k in settings if old is None or old.get(k) != settings[k]]
-    label = {"prompt_column": "prompt", "response_column": "response"}
-    parts = [f"{label.get(k, k)}-{Path(settings[k]).name if k in ('data', 'tokenizer') else settings[k]}" for k in differs]
-    side = default.with_name("validation." + re.sub(r"[^A-Za-z0-9_.-]+", "-", ".".join(parts)) + ".json")
-    if side.exists() and _settings_of(side) not in (None, settings):  # a name clash of two other what-ifs
-        import hashlib
-        import json
-
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        side = default.with_name(f"validation.{digest}.json")
-    return side, (f"{default} holds the report of {_describe(old)} and is kept; this one (max_length "
-                  f"{settings['max_length']}) went to {side}; choose the file with --out")
 
 
 def validate(data: str, tokenizer, max_length: int, out: str | None = None,

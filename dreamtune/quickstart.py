@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dreamtune.atomic import write_json, write_jsonl, write_text
+from dreamtune.atomic import write_json, write_jsonl
 
 DEFAULT_OUT = "runs/quickstart"
 # Per task: the generator's options, rows, model size and training. Chosen by sweeps over size, batch,
@@ -277,8 +277,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
         shutil.rmtree(run_dir)
     say(f"[3/5] training {s['steps']} steps (batch {s['batch']}, max_length {max_length}) -> {run_dir}")
     cfg = load_config(None, overrides)
-    train(cfg)
-    _copy_validation(data_dir / "validation.json", run_dir / "data_validation.json")
+    train(cfg)  # copies data/validation.json into the run as data_validation.json
     timings["train"] = time.time() - t0
 
     # 4. Evaluation of both models on the held-out problems, same decoding, same seed.
@@ -324,11 +323,6 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     say("[5/5] report written")
     say(_table(summary))
     return summary
-
-
-def _copy_validation(src: Path, dst: Path) -> None:
-    if src.exists():
-        write_text(dst, src.read_text())
 
 
 def _table(summary: dict) -> str:
