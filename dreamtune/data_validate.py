@@ -223,7 +223,7 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
     first = int(np.argmax(over)) if over.any() else None
     report = {
         "data": str(data),
-        "tokenizer": tokenizer_name,
+        "tokenizer": settings["tokenizer"],  # a local directory as an absolute path
         "max_length": max_length,
         "rows": n,
         "splits": {name: {"rows": len(rows), "over_max_length": int(over[split_of == name].sum()),

@@ -25,10 +25,17 @@ def default_report_path(data: str) -> Path:
     return Path.cwd() / f"{path.stem if path.is_file() else path.name}.validation.json"
 
 
+def tokenizer_ref(name) -> str:
+    """A tokenizer as a report records it: a local directory as its absolute path (so that a notebook or
+    report run from another folder finds it), a hub id as given."""
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if str(name) and path.is_dir() else str(name)
+
+
 def report_settings(data: str, tokenizer_name: str, max_length: int, prompt_key: str, response_key: str) -> dict:
     """What a report depends on: two reports with equal settings describe the same thing."""
-    return {"data": str(Path(data).expanduser().resolve()), "tokenizer": str(tokenizer_name), "max_length": int(max_length),
-            "prompt_column": prompt_key, "response_column": response_key}
+    return {"data": str(Path(data).expanduser().resolve()), "tokenizer": tokenizer_ref(tokenizer_name),
+            "max_length": int(max_length), "prompt_column": prompt_key, "response_column": response_key}
 
 
 def _settings_of(path: Path) -> dict | None:
@@ -44,7 +51,7 @@ def _settings_of(path: Path) -> dict | None:
         return old["settings"]
     if "max_length" not in old:
         return None
-    return {"data": str(Path(str(old.get("data", ""))).expanduser().resolve()), "tokenizer": str(old.get("tokenizer")),
+    return {"data": str(Path(str(old.get("data", ""))).expanduser().resolve()), "tokenizer": tokenizer_ref(old.get("tokenizer", "")),
             "max_length": old.get("max_length"), "prompt_column": "prompt", "response_column": "response"}
 
 
