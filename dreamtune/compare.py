@@ -62,20 +62,31 @@ def task_prompts(args) -> list[dict]:
                                          shots=shots), "answer": r["answer"], "id": str(r["id"])} for r in rows]
 
 
-def run_model(path, rows, args, decoding, chat: bool, bar=None, name: str = "") -> tuple[list[str], float, list[str]]:
-    """Responses of one model to every row, the seconds it took, and the rendered prompts; `bar` (a tqdm
-    bar over both models' answers) advances a batch at a time."""
+def check_model_path(path: str, flag: str) -> None:
+    """A local model path that does not exist is one error line before any model loads (as in eval)."""
+    p = Path(path).expanduser()
+    if not p.is_dir() and (str(path).startswith((".", "/", "~")) or p.exists()):
+        raise FileNotFoundError(f"{flag} model directory '{path}' does not exist; pass the directory holding config.json")
+
+
+def run_model(path, rows, args, decoding, chat: bool, progress: dict, name: str) -> tuple[list[str], float, list[str]]:
+    """Responses of one model to every row, the seconds it took, and the rendered prompts. progress["bar"]
+    (one tqdm bar over both models' answers) is made once the first model has loaded, so that a model
+    that cannot be loaded is one error line, and advances a batch at a time."""
     import torch
+    from tqdm import tqdm
 
     lm = load_model(path, args.device, args.dtype, args.compile)
     system = None if args.task else (args.system or None)  # free prompts: a system turn only when asked, as generate
     encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
     rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]
-    if bar is not None:
-        bar.set_description(f"compare {name}")
+    if progress.get("bar") is None:  # as eval's bar; the ETA covers the whole comparison
+        progress["bar"] = tqdm(total=2 * len(rows), desc="compare", unit="answer", file=sys.stderr, dynamic_ncols=True)
+    bar = progress["bar"]
+    bar.set_description(f"compare {name}")
     t0 = time.perf_counter()
     results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed,
-                               on_batch=(lambda idx, done: bar.update(len(idx))) if bar is not None else None)
+                               on_batch=lambda idx, done: bar.update(len(idx)))
     dt = time.perf_counter() - t0
     responses = [r["response"] for r in results]
     if args.task:
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.prompts is None) == (args.task is None):
         raise ValueError("give either --prompts FILE or --task NAME --n K")
     check_writable(args.out)
+    check_model_path(args.base, "--base")
+    check_model_path(args.tuned, "--tuned")
     decoding = decoding_settings(args)
     data_from = "--data-dir"
     if args.task:
@@ -127,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (from {data_from})" if args.data_dir else ""), file=sys.stderr)
     chat = args.prompt_format == "chat" if args.task else args.chat
 
-    from tqdm import tqdm
-
-    # one bar over both models' answers, as eval's: the ETA covers the whole comparison
-    bar = tqdm(total=2 * len(rows), desc="compare", unit="answer", file=sys.stderr, dynamic_ncols=True)
-    base, base_s, rendered = run_model(args.base, rows, args, decoding, chat, bar, "base")
-    tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat, bar, "tuned")
-    bar.close()
+    progress: dict = {}
+    try:
+        base, base_s, rendered = run_model(args.base, rows, args, decoding, chat, progress, "base")
+        tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat, progress, "tuned")
+    finally:
+        if progress.get("bar") is not None:
+            progress["bar"].close()
 
     graded = args.task is not None or all(r.get("answer") is not None for r in rows)
     out_rows = [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(rendered, base, tuned)]

@@ -282,6 +282,7 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     (["generate", "--model", "MODEL", "hi", "--top-p", "2"], "top_p"),
     (["generate", "--model", "MODEL"], "either a prompt or --input"),
     (["compare", "--base", "/nonexistent/a", "--tuned", "MODEL", "--prompts", "PROMPTS"], "does not exist"),
+    (["compare", "--base", "MODEL", "--tuned", "/nonexistent/b", "--prompts", "PROMPTS"], "--tuned model directory"),
     (["compare", "--base", "MODEL", "--tuned", "MODEL"], "--prompts FILE or --task"),
     (["generate", "--model", "MODEL", "--input", "PROMPTS", "--output", "o.jsonl", "--batch-size", "0"], "--batch-size"),
     (["eval", "--model", "MODEL", "--tasks", "gsm8k", "--prompt-format", "chat", "--batch-size", "0"], "--batch-size"),
