@@ -1,13 +1,15 @@
 """`dreamtune compare`: base vs tuned model, side by side, with identical decoding settings and seed.
 
     dreamtune compare --base Dream-org/Dream-v0-Base-7B --tuned runs/s1k/checkpoint-final \
-        --task gsm8k --n 20 --data-dir ../shared/data/eval --out results/compare.json
+        --task gsm8k --n 20 --data-dir data/eval --out results/compare.json
     dreamtune compare --base DIR --tuned DIR --prompts prompts.jsonl --chat --max-new-tokens 256
 
 Prompts come from a file (JSONL rows with `prompt` or `messages` and an optional `answer`, or a text
-file with one prompt per line) or from the first K problems of a benchmark. Both models see the same
-prompts, settings and per-batch seeds; the models are loaded one after the other (one in memory at a
-time). Prints the two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
+file with one prompt per line) or from the first K problems of a benchmark, whose files are found as
+`dreamtune eval` finds them (--data-dir, $DREAMTUNE_EVAL_DATA, ./data/eval, else the Hub). Both models
+see the same prompts, settings and per-batch seeds; the models are loaded one after the other (one in
+memory at a time), under one progress bar (with the time left) over both models' answers. Prints the
+two answers side by side and writes the JSON that the report reads (docs/artifacts.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dreamtune.generate_cli import (
     load_model,
     parser,
     read_prompt_rows,
+    recorded_settings,
     render_prompt,
 )
 
@@ -61,16 +64,24 @@ def task_prompts(args) -> list[dict]:
                                          shots=shots), "answer": r["answer"], "id": str(r["id"])} for r in rows]
 
 
-def run_model(path, rows, args, decoding, chat: bool) -> tuple[list[str], float, list[str]]:
-    """Responses of one model to every row, the seconds it took, and the rendered prompts."""
+def run_model(path, rows, args, decoding, chat: bool, progress: dict, name: str) -> tuple[list[str], float, list[str]]:
+    """Responses of one model to every row, the seconds it took, and the rendered prompts. progress["bar"]
+    (one tqdm bar over both models' answers) is made once the first model has loaded, so that a model
+    that cannot be loaded is one error line, and advances a batch at a time."""
     import torch
+    from tqdm import tqdm
 
     lm = load_model(path, args.device, args.dtype, args.compile)
     system = None if args.task else (args.system or None)  # free prompts: a system turn only when asked, as generate
     encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
     rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]
+    if progress.get("bar") is None:  # as eval's bar; the ETA covers the whole comparison
+        progress["bar"] = tqdm(total=2 * len(rows), desc="compare", unit="answer", file=sys.stderr, dynamic_ncols=True)
+    bar = progress["bar"]
+    bar.set_description(f"compare {name}")
     t0 = time.perf_counter()
-    results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed)
+    results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed,
+                               on_batch=lambda idx, done: bar.update(len(idx)))
     dt = time.perf_counter() - t0
     responses = [r["response"] for r in results]
     if args.task:
@@ -100,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=Path, help="JSONL ({prompt|messages, answer?}) or text file, one prompt per line")
     ap.add_argument("--task", choices=list(tasks.TASKS), help="use the first --n problems of this benchmark")
     ap.add_argument("--n", type=int, default=10, help="problems with --task (default %(default)s)")
-    ap.add_argument("--data-dir", default=None, help="benchmark files in the ../shared/data/eval layout")
-    ap.add_argument("--prompt-format", default="chat", choices=tasks.PROMPT_FORMATS, help="with --task (default %(default)s)")
+    tasks.add_benchmark_args(ap)  # with --task
     ap.add_argument("--chat", action="store_true", help="with --prompts: wrap text prompts in the chat template")
     ap.add_argument("--system", default=None, help="system turn for chat prompts (default: the benchmark prompt's "
                     "with --task, none with --prompts, as `dreamtune generate --chat`; '' for none)")
@@ -113,14 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     if (args.prompts is None) == (args.task is None):
         raise ValueError("give either --prompts FILE or --task NAME --n K")
     check_writable(args.out)
-    for path in (args.base, args.tuned):  # a mistyped path fails now, not after the base model has run
-        resolve_dir(path, download=False)
+    for flag, path in (("--base", args.base), ("--tuned", args.tuned)):  # now, not after the base model has run
+        try:
+            resolve_dir(path, download=False)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise type(e)(f"{flag}: {e}") from None
     decoding = decoding_settings(args)
+    data_from = "--data-dir"
+    if args.task:
+        args.data_dir, data_from = tasks.resolve_data_dir(args.data_dir)
     rows = task_prompts(args) if args.task else read_prompts_file(args.prompts)
+    if data_from != "--data-dir":  # found by itself: say where
+        print(f"benchmark files: {args.data_dir or 'the Hugging Face Hub'}"
+              + (f" (from {data_from})" if args.data_dir else ""), file=sys.stderr)
     chat = args.prompt_format == "chat" if args.task else args.chat
 
-    base, base_s, rendered = run_model(args.base, rows, args, decoding, chat)
-    tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat)
+    progress: dict = {}
+    try:
+        base, base_s, rendered = run_model(args.base, rows, args, decoding, chat, progress, "base")
+        tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat, progress, "tuned")
+    finally:
+        if progress.get("bar") is not None:
+            progress["bar"].close()
 
     graded = args.task is not None or all(r.get("answer") is not None for r in rows)
     out_rows = [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(rendered, base, tuned)]
@@ -154,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(rows)} problems)")
     print(f"decoding: {describe(decoding)}")
     result = {
-        "base": args.base, "tuned": args.tuned, "decoding": decoding, "seed": args.seed,
+        "base": args.base, "tuned": args.tuned, "decoding": recorded_settings(decoding), "seed": args.seed,
         "prompt_format": args.prompt_format if args.task else ("chat" if args.chat else "raw"),
         "task": args.task, "rows": out_rows, "summary": summary,
         "time_s": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},

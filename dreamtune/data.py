@@ -241,8 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="a prepared DIR (train + val) or a parquet/jsonl/json file")
     v.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
     v.add_argument("--max-length", type=int, required=True)
-    v.add_argument("--out", default=None, help="report path (default: DIR/validation.json for a prepared DIR, "
-                   "else ./NAME.validation.json); the PNG goes beside it")
+    v.add_argument("--out", default=None, help="report path, used as given (default: DIR/validation.json for a "
+                   "prepared DIR, else ./NAME.validation.json; when that file holds a report of other settings it is "
+                   "kept and this one goes beside it, e.g. validation.max_length-16.json); the PNG goes beside it")
     v.add_argument("--prompt-column", default="prompt")
     v.add_argument("--response-column", default="response")
     return parser

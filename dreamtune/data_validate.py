@@ -22,6 +22,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dreamtune.validation_files import choose_report_path, default_report_path, report_settings  # noqa: F401
+
 # Rows with these columns are s1K-1.1's: a missing column then comes with a pointer to --format s1k-1.1.
 S1K11_COLUMNS = ("deepseek_thinking_trajectory", "deepseek_attempt", "gemini_thinking_trajectory")
 ANSWER_RULE = ("the last \\boxed{...}, '####' line or 'Answer:' text of the response; lost under right "
@@ -151,20 +153,11 @@ def _load_splits(data: str) -> dict[str, list[dict]]:
     return {path.stem if path.is_file() else "all": read_rows(path)}
 
 
-def default_report_path(data: str) -> Path:
-    """DIR/validation.json for a prepared DIR (or a file in one); otherwise ./NAME.validation.json, so
-    that checking someone else's data never writes into their folder."""
-    path = Path(data).expanduser()
-    home = path if path.is_dir() else path.parent
-    if (home / "manifest.json").exists():
-        return home / "validation.json"
-    return Path.cwd() / f"{path.stem if path.is_file() else path.name}.validation.json"
-
-
 def validate(data: str, tokenizer, max_length: int, out: str | None = None,
              prompt_key: str = "prompt", response_key: str = "response") -> dict:
     """Validate `data` against a tokenizer (name or object) and max_length; write the JSON report and
-    the histogram PNG; return the report."""
+    the histogram PNG (see `choose_report_path` for where); return the report (its `notice` says when
+    the default file was left alone or an --out file replaced)."""
     import numpy as np
 
     from dreamtune.data import encode_batches
@@ -177,8 +170,9 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
             check_columns(rows, prompt_key, response_key)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    out_path = Path(out) if out else default_report_path(data)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
+    settings = report_settings(data, tokenizer_name, max_length, prompt_key, response_key)
+    out_path, notice = choose_report_path(data, out, settings)
     from dreamtune.tokenizer import tokenizer_from
 
     tok = tokenizer_from(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -205,7 +199,7 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
     first = int(np.argmax(over)) if over.any() else None
     report = {
         "data": str(data),
-        "tokenizer": tokenizer_name,
+        "tokenizer": settings["tokenizer"],  # a local directory as an absolute path
         "max_length": max_length,
         "rows": n,
         "splits": {name: {"rows": len(rows), "over_max_length": int(over[split_of == name].sum()),
@@ -231,8 +225,10 @@ def validate(data: str, tokenizer, max_length: int, out: str | None = None,
                      "tokens_kept": int(total[~over].sum())},
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
         "report": str(out_path),
         "histogram": None,
+        "notice": notice,
     }
     _write_report(out_path, report, prompt_len, response_len, total, max_length)
     return report
@@ -295,3 +291,5 @@ def print_summary(report: dict) -> None:
     wrote = [report["report"]] + ([report["histogram"]] if report["histogram"] else [])
     print("wrote " + ", ".join(wrote) + ("" if report["histogram"] else
                                         " (no histogram: pip install matplotlib)"))
+    if report.get("notice"):
+        print(f"note: {report['notice']}")

@@ -1,8 +1,11 @@
 """`dreamtune eval`: generate answers to math benchmarks, grade them, write per-sample JSONL and a summary.
 
-    dreamtune eval --model DIR --tasks gsm8k,math500,aime24,aime25,amc23 --data-dir ../shared/data/eval \
+    dreamtune eval --model DIR --tasks gsm8k,math500,aime24,aime25,amc23 --data-dir data/eval \
         --prompt-format chat --max-new-tokens 256 --alg entropy --temperature 0.2 --out results/eval_results.json
     torchrun --nproc-per-node 8 -m dreamtune.cli eval ...      # one shard of the problems per GPU
+
+Benchmark files: --data-dir DIR (DIR/<task>/test.jsonl), else $DREAMTUNE_EVAL_DATA, else ./data/eval when it
+exists, else the Hugging Face Hub (`dreamtune.tasks.resolve_data_dir`; `dreamtune compare` finds them alike).
 
 Writes `results/eval_results.json` (summary: accuracy per task, every decoding setting, the model, the
 time taken) and `results/eval_results.samples.jsonl` (one graded row per problem); docs/artifacts.md.
@@ -39,6 +42,7 @@ from dreamtune.generate_cli import (
     generate_batches,
     load_model,
     parser,
+    recorded_settings,
     render_prompt,
 )
 
@@ -240,10 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser("dreamtune eval", "Evaluate a diffusion LM on math benchmarks (generate, grade, summarise).")
     ap.add_argument("--model", required=True, help="model directory (or hub id)")
     ap.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated: %(default)s (gpqa from a file via --data-dir)")
-    ap.add_argument("--data-dir", default=None, help="benchmark files in the ../shared/data/eval layout (default: the Hub)")
+    tasks.add_benchmark_args(ap)
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each task")
-    ap.add_argument("--prompt-format", required=True, choices=tasks.PROMPT_FORMATS,
-                    help="chat: the chat template a tuned model was trained with; fewshot: a base model's few-shot text")
     ap.add_argument("--system-prompt", default=tasks.DEFAULT_SYSTEM_PROMPT,
                     help="chat system turn (default: dreamtune's training default; '' for none)")
     ap.add_argument("--shots", type=int, default=None, help="fewshot exemplars (default per task: GSM8K 8, MATH/AIME/AMC 4)")
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out must name a .json file (the samples go beside it), got {args.out}")
     check_writable(args.out)
     decoding = decoding_settings(args)
+    args.data_dir, data_from = tasks.resolve_data_dir(args.data_dir)
     rank, world = rank_world()
     args.world = world
     model_path = Path(args.model).expanduser()
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     model_ref = str(model_path.resolve()) if model_path.is_dir() else str(args.model)
     config = {"model": model_ref, "prompt_format": args.prompt_format,
               "system_prompt": (args.system_prompt or None) if args.prompt_format == "chat" else None,
-              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": decoding, "seed": args.seed}
+              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": recorded_settings(decoding),
+              "seed": args.seed}
     cid = config_id(config)
 
     problems, names = build_problems(args)
@@ -282,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         check_config(rows, cid, str(p))
     done = {(r["task"], str(r["id"])) for rows in [existing, *parts.values()] for r in rows}
     todo = [p for p in shard(problems, rank, world) if (p["task"], p["id"]) not in done]
+    if rank == 0 and data_from != "--data-dir":  # found by itself: say where
+        print(f"benchmark files: {args.data_dir or 'the Hugging Face Hub'}"
+              + (f" (from {data_from})" if args.data_dir else ""), file=sys.stderr)
     if rank == 0 and done:
         print(f"resuming: {len(done & set(order))} of {len(order)} problems already graded in {args.out.parent}",
               file=sys.stderr)
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": model_ref,
         "tasks": summarize_tasks(merged, order, names),
-        "decoding": decoding,
+        "decoding": config["decoding"],
         "prompt_format": args.prompt_format,
         "system_prompt": config["system_prompt"],
         "shots": config["shots"],

@@ -96,6 +96,21 @@ def describe(decoding: dict) -> str:
             f"top_k {decoding['top_k'] or 'off'}, top_p {decoding['top_p'] if decoding['top_p'] not in (None, 1) else 'off'}")
 
 
+# The settings one sampler reads and the other does not. Result files leave out those of the sampler not
+# used (a threshold recorded beside Dream's sampler would claim an effect it did not have); everything
+# else decoding_settings() returns, including keys added later, is recorded.
+NOT_READ_BY = {
+    "dream": ("threshold", "block_length", "tokens_per_step", "use_cache", "dual_cache"),
+    "fast": ("steps", "eps", "alg_temp"),
+}
+
+
+def recorded_settings(decoding: dict) -> dict:
+    """decoding_settings() as eval, compare and generate --json record it: only what the sampler reads."""
+    skip = NOT_READ_BY.get(decoding.get("sampler"), ())
+    return {k: v for k, v in decoding.items() if k not in skip}
+
+
 def sampler_kwargs(decoding: dict) -> dict:
     """decoding_settings() -> keyword arguments of dreamtune.sampling.generate."""
     kw = {k: v for k, v in decoding.items() if k != "sampler"}
@@ -278,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "response": r["response"],
                           "answer_tokens": r["answer_tokens"], "nfe": r["nfe"], "time_s": round(elapsed, 4),
-                          "tokens_per_s": round(canvas / elapsed, 2), "decoding": decoding, "seed": args.seed},
+                          "tokens_per_s": round(canvas / elapsed, 2), "decoding": recorded_settings(decoding),
+                          "seed": args.seed},
                          ensure_ascii=False))
     else:
         print(r["response"])

@@ -3,9 +3,10 @@
 Three steps for every (response, reference) pair:
 
 1. `extract_answer(response)` finds the model's final answer, in this order of precedence:
-   the last non-empty `\\boxed{}` / `\\fbox{}` / `\\framebox{}` (nested braces handled), the last
+   the last non-empty `\\boxed{}` / `\\fbox{}` / `\\framebox{}` (nested braces handled), a malformed
+   box read by one of three repairs (`\\boxed{78</answer>`, `boxed{27}`, `\\boxed{}32`), the last
    `<answer>...</answer>`, the last GSM8K `#### N`, the last "Answer:" / "The (final) answer is",
-   and as a fallback the last number in the text. It returns `(answer, how)`.
+   and as a fallback the last number in the text. It returns `(answer, how)`; `how` names the rule.
 2. Normalised exact match (`stage="exact"`): both sides go through `normalize_answer` (math delimiters,
    `\\text{}`, units words, thousands commas, `\\dfrac`, `\\left`/`\\right`, degrees, percent signs,
    spaces, leading zeros, `21.0` -> `21`), then a numeric comparison (`stage="numeric"`) of plain
@@ -21,309 +22,38 @@ Policies (docs/grading.md explains why): several boxed answers -> the last one w
 differ are wrong without consulting math-verify. For `task="gpqa"` the answer is a choice letter A-D.
 
 `grade()` grades one item in-process; `grade_many()` grades a list with the pool; `main()` is
-`dreamtune grade`.
+`dreamtune grade`. Extraction and normalisation live in `dreamtune.answers`, the worker pool in
+`dreamtune.grading_pool`; the names are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import multiprocessing as mp
 import os
-import re
-import signal
 import sys
 import threading
-import time
 import warnings
-from collections import Counter, deque
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
+from collections import Counter
 from pathlib import Path
 
+from dreamtune.answers import (  # noqa: F401  (re-exported: extraction and normalisation live there)
+    HOWS,
+    _boxed_contents,
+    _clean,
+    _fast_stages,
+    _repaired_boxes,
+    _to_number,
+    extract_answer,
+    normalize_answer,
+    reference_answer,
+)
 from dreamtune.atomic import check_writable, write_jsonl
+from dreamtune.grading_pool import _run_pool, _worker_main  # noqa: F401  (re-exported)
 
 TASK_NAMES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "gpqa", "generic")
-HOWS = ("boxed", "answer_tag", "answer_colon", "hash", "last_number", "none")
 STAGES = ("exact", "numeric", "math_verify", "none")
 DEFAULT_TIMEOUT = 5.0
-
-# ---------------------------------------------------------------------------------------------
-# Extraction
-# ---------------------------------------------------------------------------------------------
-
-_BOX_CMD = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
-_HASH = re.compile(r"####[ \t]*([^\n]*)")
-# "Answer:", "Final Answer:", "The answer is", "the final answer is:", "**Answer:**", "answer = "
-_ANSWER_COLON = re.compile(r"\banswer\b(?:\*\*)?[ \t]*(?::|\bis\b:?|=)[ \t]*(?:\*\*)?", re.I)
-# A number: thousands-grouped, plain or decimal, optionally a simple fraction a/b. A minus sign
-# counts only when not glued to a preceding word or digit ("5-3" is not "-3").
-_NUMBER = re.compile(
-    r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?(?![\d])"
-)
-# inline math; an escaped dollar (\$5, a currency sign) neither opens nor closes it
-_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
-_PROSE = re.compile(r"[A-Za-z',]+(?:\s+[A-Za-z',]+){2,}")  # three or more plain words, no math
-_CHOICE = re.compile(r"^\(?([A-D])\)?(?:[.):]|\s|$)")
-_CHOICE_IN_TEXT = re.compile(r"\(([A-D])\)|\b(?:option|choice)\s+\(?([A-D])\b|\b([A-D])\)", re.I)
-
-
-def _boxed_contents(text: str) -> list[str]:
-    """Every `\\boxed{...}` / `\\fbox{...}` / `\\framebox{...}` content, in order, braces balanced.
-
-    An unclosed box (a truncated generation) is skipped; `\\boxed 5` (no braces) yields "5".
-    Escaped braces `\\{ \\}` do not count towards nesting.
-    """
-    out = []
-    for m in _BOX_CMD.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                c = text[j]
-                if c == "\\":
-                    j += 2
-                    continue
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        out.append(text[i + 1 : j])
-                        break
-                j += 1
-        elif i > m.end() and i < len(text):  # "\boxed 5": a space then one token
-            tok = re.match(r"[^\s$]+", text[i:])
-            if tok:
-                out.append(tok.group(0))
-    return out
-
-
-def _first_line(s: str) -> str:
-    """The first non-empty line of s ("Answer:\\n18" puts the answer on the next line)."""
-    for line in s.splitlines():
-        if line.strip():
-            return line
-    return ""
-
-
-def _refine(candidate: str) -> str:
-    """Trim text found after a marker down to the answer itself.
-
-    If it holds inline math (`$...$`), the first math segment is the answer ("The answer is $18$, since
-    ..."); otherwise the text up to the end of the first sentence, without markdown bold.
-    """
-    s = candidate.strip().replace("**", "").strip()
-    m = _INLINE_MATH.search(s)
-    if m:
-        return next(g for g in m.groups() if g is not None).strip()
-    s = re.split(r"\.(?:\s|$)", s, maxsplit=1)[0]  # "18. She ..." -> "18"; "3.5" stays whole
-    return s.strip().rstrip(".,;:").strip()
-
-
-def _extract_choice(text: str) -> tuple[str | None, str]:
-    """GPQA: a choice letter A-D from a marker, else the last "(C)" / "option C" / "C)" in the text."""
-    for cand, how in _marker_candidates(text):
-        c = _clean(cand)
-        c = re.sub(r"^\\text\{(.*)\}$", r"\1", c).strip()
-        m = _CHOICE.match(c)
-        if m:
-            return m.group(1), how
-    hits = list(_CHOICE_IN_TEXT.finditer(text))
-    if hits:
-        return next(g for g in hits[-1].groups() if g).upper(), "last_number"
-    return None, "none"
-
-
-def _marker_candidates(text: str):
-    """Answers found by explicit markers, in precedence order: boxed, answer tag, ####, "Answer:"."""
-    boxes = [b for b in _boxed_contents(text) if b.strip()]
-    if boxes:
-        yield boxes[-1].strip(), "boxed"
-    tags = [t for t in _ANSWER_TAG.findall(text) if t.strip()]
-    if tags:
-        inner = tags[-1].strip()
-        sub = next(iter(_marker_candidates(inner)), None)  # "<answer>The answer is 18.</answer>"
-        if sub is not None and sub[0]:
-            yield sub[0], "answer_tag"
-        elif len(inner) <= 40 or not _NUMBER.search(inner):
-            yield _refine(inner), "answer_tag"
-        else:  # a sentence ("She earns 18 dollars a day in total ..."): its last number
-            yield _NUMBER.findall(inner)[-1], "answer_tag"
-    hashes = [h for h in _HASH.findall(text) if h.strip()]
-    if hashes:
-        yield _refine(hashes[-1]), "hash"
-    colons = list(_ANSWER_COLON.finditer(text))
-    for m in reversed(colons):  # the last marker followed by an answer, not prose
-        cand = _refine(_first_line(text[m.end() :]))
-        # "the answer is not obvious yet" is reasoning; one- or two-word text answers ("Evelyn") stay
-        if cand and not _PROSE.fullmatch(cand):
-            yield cand, "answer_colon"
-            break
-
-
-def extract_answer(text: str | None, task: str | None = None) -> tuple[str | None, str]:
-    """The final answer in a model response, and how it was found.
-
-    Returns `(answer, how)`, how in HOWS. Precedence: the last non-empty `\\boxed{}`/`\\fbox{}`
-    ("boxed"), the last `<answer>...</answer>` ("answer_tag"), the last `#### N` ("hash"), the last
-    "Answer:" / "The answer is" ("answer_colon"), the last number ("last_number"); `(None, "none")`
-    when nothing is found. With `task="gpqa"` the answer is a choice letter.
-    """
-    if not text:
-        return None, "none"
-    text = str(text)
-    if task == "gpqa":
-        return _extract_choice(text)
-    for cand, how in _marker_candidates(text):
-        if cand:
-            return cand, how
-    nums = _NUMBER.findall(text)
-    if nums:
-        return nums[-1], "last_number"
-    return None, "none"
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation and the fast stages
-# ---------------------------------------------------------------------------------------------
-
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-# trailing unit words after a number ("18 dollars", "5 cm", "30 minutes"), but not math words
-_UNIT_TAIL = re.compile(r"(?<=[\d}])\s+(?:(?!(?:pi|sqrt|inf|infty|infinity)\b)[A-Za-z]{2,}\.?(?:\s+|$))+$")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
-_LHS = re.compile(r"^[A-Za-z]\s*=\s*(?!=)(.+)$", re.S)
-
-
-def _clean(s: str) -> str:
-    """Light normalisation that keeps LaTeX parseable (what math-verify receives)."""
-    s = str(s).strip()
-    boxes = _boxed_contents(s)
-    if boxes and s.startswith(("\\boxed", "\\fbox", "\\framebox")):
-        s = boxes[-1]
-    m = re.fullmatch(r"\$\$(.*)\$\$|\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\]", s, re.S)
-    if m:
-        s = next(g for g in m.groups() if g is not None)
-    s = s.replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"\\(?:left|right)(?![A-Za-z])\.?", "", s)
-    # spacing commands, but not the second half of a "\\" row break followed by a space
-    s = re.sub(r"\\displaystyle|(?<!\\)\\!", "", s)
-    s = re.sub(r"(?<!\\)\\[,;: ]|\\q?quad(?![A-Za-z])|~", " ", s)
-    # degrees and percent: dropped on both sides, so "50%" == "50" and "90^\circ" == "90"
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])", "", s)
-    s = s.replace("\\%", "").replace("%", "")
-    for _ in range(3):  # nested \text{\textbf{..}}
-        s = _TEXT_CMD.sub(r"\1", s)
-    s = s.replace("{,}", ",")
-    s = s.strip().rstrip(".").strip()
-    s = _UNIT_TAIL.sub("", s) if re.search(r"\d", s) else s  # "18 dollars" -> "18"; "Evelyn" stays
-    s = re.sub(r"^(?:dollars?|usd)\s+", "", s, flags=re.I)
-    return s.strip()
-
-
-def _canonical_number(s: str) -> str:
-    """'025' -> '25', '21.0' -> '21', '-0' -> '0', '1,000' -> '1000'; other strings unchanged."""
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    if _PLAIN_NUMBER.fullmatch(s):
-        try:
-            d = Decimal(s)
-        except InvalidOperation:
-            return s
-        out = format(d.normalize(), "f")
-        return "0" if out in ("-0", "+0") else out.lstrip("+")
-    return s
-
-
-def normalize_answer(s: str | None) -> str:
-    """The string the exact stage compares: `_clean`, spaces removed, lower case, numbers canonical."""
-    if s is None:
-        return ""
-    s = _clean(s)
-    s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\s+", "", s).lower()
-    m = re.fullmatch(r"\(([a-e])\)", s)  # "(C)" -> "c"
-    if m:
-        s = m.group(1)
-    return _canonical_number(s)
-
-
-def _strip_lhs(s: str) -> str:
-    """'x=5' -> '5' (a single-letter assignment), anything else unchanged."""
-    m = _LHS.match(s)
-    return m.group(1) if m else s
-
-
-def _to_number(s: str) -> Fraction | None:
-    """A normalised string as an exact number: integers, decimals, `a/b`, `\\frac{a}{b}`; else None."""
-    s = _canonical_number(s)
-    neg = s.startswith("-")
-    body = s[1:] if neg else s
-    m = re.fullmatch(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", body) or re.fullmatch(r"([^/]+)/([^/]+)", body)
-    try:
-        if m:
-            num, den = Fraction(_canonical_number(m.group(1))), Fraction(_canonical_number(m.group(2)))
-            val = num / den
-        elif _PLAIN_NUMBER.fullmatch(body):
-            val = Fraction(body)
-        else:
-            return None
-    except (ValueError, ZeroDivisionError):
-        return None
-    return -val if neg else val
-
-
-def reference_answer(reference, task: str | None = None) -> str:
-    """The reference as a string answer: numbers as text (27.0 -> '27'), the part after `####` of a
-    GSM8K solution, the last `\\boxed{}` of a MATH solution, a choice letter for GPQA."""
-    if reference is None:
-        raise ValueError("the reference answer is missing (None)")
-    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
-        raise ValueError(f"the reference answer must be text or a number, not {reference!r}")
-    if isinstance(reference, float):
-        if not math.isfinite(reference):
-            raise ValueError(f"the reference answer is not a finite number: {reference!r}")
-        return str(int(reference)) if reference.is_integer() else repr(reference)
-    if isinstance(reference, int):
-        return str(reference)
-    ref = str(reference).strip()
-    if "####" in ref:
-        ref = ref.rsplit("####", 1)[1].strip()
-    elif "\\boxed" in ref or "\\fbox" in ref:
-        boxes = [b for b in _boxed_contents(ref) if b.strip()]
-        if boxes:
-            ref = boxes[-1].strip()
-    if task == "gpqa":
-        m = _CHOICE.match(_clean(ref).strip())
-        if not m:
-            raise ValueError(f"a GPQA reference answer must be a choice letter A-D, got {reference!r}")
-        return m.group(1)
-    return ref
-
-
-def _fast_stages(pred: str, ref: str, task: str | None) -> tuple[str | None, bool]:
-    """(stage, decided): the matching fast stage, or (None, True) when surely wrong, (None, False) when
-    math-verify must decide."""
-    if task == "gpqa":
-        return ("exact" if pred.strip().upper() == ref.strip().upper() else None), True
-    p, r = normalize_answer(pred), normalize_answer(ref)
-    if p and (p == r or _strip_lhs(p) == _strip_lhs(r)):
-        return "exact", True
-    pn, rn = _to_number(_strip_lhs(p)), _to_number(_strip_lhs(r))
-    if pn is not None and rn is not None:
-        if pn == rn:
-            return "numeric", True
-        # two different integers are wrong; a decimal might be a rounding math-verify accepts
-        if pn.denominator == 1 and rn.denominator == 1:
-            return None, True
-    return None, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,112 +98,6 @@ def _mv_job(job: tuple[str, str]) -> bool:
     timeouts are off here (they cannot interrupt C code anyway)."""
     return _mv_equal(job[0], job[1], None)
 
-
-def _worker_main(conn, fn) -> None:
-    """A pool worker: receives (index, job), answers (index, result, error); None stops it."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" chatter
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    except ValueError:
-        pass
-    conn.send(("ready", None, None))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        idx, job = msg
-        try:
-            conn.send((idx, fn(job), None))
-        except Exception as e:  # a bad item must not take the worker down
-            conn.send((idx, False, f"{type(e).__name__}: {e}"[:300]))
-
-
-def _run_pool(fn, jobs: dict[int, object], workers: int, timeout: float, start_timeout: float = 60.0):
-    """Run fn(job) for every job in worker processes, each call limited to `timeout` seconds.
-
-    Returns {index: (result, error)}: error is None, "timeout after Ns" (the worker was killed and
-    replaced) or the exception text. Uses fork where available (fast start, no re-import of the
-    caller's script); the workers only run pure-Python math, so forking a threaded parent is safe here.
-    """
-    assert workers >= 1 and timeout > 0
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    from multiprocessing.connection import wait
-
-    pending = deque(jobs.items())
-    results: dict[int, tuple[object, str | None]] = {}
-    live: dict = {}  # conn -> {"proc", "job", "since", "ready"}
-
-    def start():
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
-        proc.start()
-        child.close()
-        live[parent] = {"proc": proc, "job": None, "since": time.monotonic(), "ready": False}
-
-    def retire(conn, grace: float = 0.0):
-        st = live.pop(conn)
-        st["proc"].join(grace)
-        if st["proc"].is_alive():
-            st["proc"].kill()
-        st["proc"].join(1)
-        conn.close()
-
-    start_failures = 0
-    for _ in range(min(workers, len(pending))):
-        start()
-    try:
-        while pending or any(st["job"] is not None for st in live.values()):
-            now = time.monotonic()
-            for conn, st in live.items():
-                if st["ready"] and st["job"] is None and pending:
-                    st["job"] = pending.popleft()
-                    st["since"] = now
-                    conn.send(st["job"])
-            if not live:
-                start()
-            limits = [st["since"] + (timeout if st["ready"] else start_timeout) for st in live.values()]
-            for conn in wait(list(live), timeout=max(0.0, min(limits) - time.monotonic())):
-                st = live[conn]
-                try:
-                    idx, res, err = conn.recv()
-                except (EOFError, OSError):  # the worker died (out of memory, killed by the OS, ...)
-                    if not st["ready"]:
-                        start_failures += 1
-                        if start_failures > 3:
-                            raise RuntimeError("grading worker processes die on start; try --workers 0")
-                    if st["job"] is not None:
-                        results[st["job"][0]] = (False, "grading worker process died")
-                    retire(conn)
-                    continue
-                if idx == "ready":
-                    st["ready"] = True
-                    continue
-                assert st["job"] is not None and idx == st["job"][0]
-                results[idx] = (res, err)
-                st["job"] = None
-            now = time.monotonic()
-            for conn, st in list(live.items()):
-                if st["job"] is not None and now - st["since"] > timeout:
-                    results[st["job"][0]] = (False, f"timeout after {timeout:g}s")
-                    retire(conn)  # the only way to stop C-level work in sympy/gmpy
-                elif not st["ready"] and now - st["since"] > start_timeout:
-                    raise RuntimeError(f"a grading worker did not start within {start_timeout:g}s")
-            idle = sum(st["job"] is None for st in live.values())
-            while pending and len(live) < workers and idle < len(pending):
-                idle += 1
-                start()  # replace killed or dead workers
-    finally:
-        for conn in list(live):
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            retire(conn, grace=0.5)
-    assert set(results) == set(jobs)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,6 +213,12 @@ def summarize(verdicts: list[dict]) -> dict:
     }
 
 
+def format_rules(verdicts: list[dict]) -> str:
+    """`answers found by: boxed 800, boxed_unclosed 3, ...`: how many answers each extraction rule read."""
+    by_how = Counter(v["how"] for v in verdicts)
+    return "answers found by: " + (", ".join(f"{h} {by_how[h]}" for h in HOWS if h != "none" and by_how[h]) or "nothing")
+
+
 def format_summary(summary: dict) -> str:
     """`accuracy: 76.4% (863/1130)` and a line of per-stage counts."""
     s = summary
@@ -663,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     graded = [{**row, **{k: v[k] for k in ("extracted", "correct", "stage", "how", "error")}} for row, v in zip(rows, verdicts)]
     write_jsonl(out, graded)
     print(format_summary(summarize(verdicts)))
+    print(format_rules(verdicts))
     print(f"verdicts: {out}")
     return 0
 

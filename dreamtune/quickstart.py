@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dreamtune.atomic import write_json, write_jsonl, write_text
+from dreamtune.atomic import write_json, write_jsonl
 
 DEFAULT_OUT = "runs/quickstart"
 # Per task: the generator's options, rows, model size and training. Chosen by sweeps over size, batch,
@@ -149,9 +149,7 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
                          "by_stage": {"exact": n_ok, "numeric": 0, "math_verify": 0, "none": len(samples) - n_ok},
                          "no_answer": sum(s["extracted"] is None for s in samples), "errors": 0,
                          "mean_answer_tokens": sum(s["answer_tokens"] for s in samples) / n}},
-        "decoding": {"sampler": "dream", "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": 1e-3,
-                     "threshold": None, "block_length": None, "tokens_per_step": None, "use_cache": None,
-                     "dual_cache": None, **decoding},
+        "decoding": {"sampler": "dream", "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": 1e-3, **decoding},
         "prompt_format": "chat", "system_prompt": None, "shots": None, "seed": seed, "limit": None,
         "data_dir": None, "batch_size": batch_size, "world_size": 1, "config_id": None,
         "time_s": round(time.time() - t0, 2), "generation_time_s": round(gen_time, 2),
@@ -270,8 +268,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
         shutil.rmtree(run_dir)
     say(f"[3/5] training {s['steps']} steps (batch {s['batch']}, max_length {max_length}) -> {run_dir}")
     cfg = load_config(None, overrides)
-    train(cfg)
-    _copy_validation(data_dir / "validation.json", run_dir / "data_validation.json")
+    train(cfg)  # copies data/validation.json into the run as data_validation.json
     timings["train"] = time.time() - t0
 
     # 4. Evaluation of both models on the held-out problems, same decoding, same seed.
@@ -317,11 +314,6 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     say("[5/5] report written")
     say(_table(summary))
     return summary
-
-
-def _copy_validation(src: Path, dst: Path) -> None:
-    if src.exists():
-        write_text(dst, src.read_text())
 
 
 def _table(summary: dict) -> str:

@@ -2,10 +2,11 @@
 
     dreamtune report RUN_DIR [--eval FILE ...] [--compare FILE] [--validation FILE] [--out DIR]
 
-Reads only the artifacts of docs/artifacts.md: RUN_DIR/metrics.jsonl (required) and RUN_DIR/config.yaml,
-eval results JSONs (`dreamtune eval`), a comparison JSON (`dreamtune compare`), and a data validation
-report (`dreamtune data validate`; default RUN_DIR/data_validation.json when present). Writes to --out
-(default RUN_DIR/report):
+Reads only the artifacts of docs/artifacts.md, each only when its keys are those of its kind
+(dreamtune.report_inputs): RUN_DIR/metrics.jsonl (required) and RUN_DIR/config.yaml, eval results JSONs
+(`dreamtune eval`), a comparison JSON (`dreamtune compare`), a data validation report (`dreamtune data
+validate`; default RUN_DIR/data_validation.json, the trainer's copy) and the truncation counts in
+RUN_DIR/data_summary.json when the trainer wrote them. Writes to --out (default RUN_DIR/report):
 
   report.md      the report, with the PNG figures beside it
   report.html    the same, one self-contained file (figures inlined as base64): open it, mail it
@@ -28,12 +29,21 @@ import sys
 from pathlib import Path
 
 from dreamtune.atomic import replace_dir, temp_dir_beside
+from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label: part of this leaf's API)
+    TRAIN_SERIES,
+    model_label,
+    read_compare,
+    read_config,
+    read_data_summary,
+    read_evals,
+    read_metrics,
+    read_validation,
+)
 
 # Train-loss points are noisy (one micro-batch of random noise levels each): the figure adds a
 # moving average over this many steps so the trend is readable.
 SMOOTH = 20
 N_EXAMPLES = 6
-TRAIN_SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,108 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ValueError(f"{message} (see 'dreamtune report --help')")
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def read_metrics(run_dir: Path) -> dict:
-    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}} from
-    metrics.jsonl. A resumed run can log a step twice: the last row for a step wins."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
-                                "(trainer.default_local_dir, the one holding metrics.jsonl)")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
-    train, val = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # the last line of a run that is still writing (or was killed) may be cut short
-            continue
-        if not isinstance(row, dict) or "step" not in row:
-            continue
-        if "val_loss" in row:
-            val[int(row["step"])] = row
-        if "loss" in row:
-            train[int(row["step"])] = row
-    if not train and not val:
-        raise ValueError(f"{path} holds no training steps yet; run the trainer first (or wait for its first step)")
-    steps = sorted(train)
-    out = {"train": {"step": steps}, "val": {"step": sorted(val), "val_loss": [float(val[s]["val_loss"]) for s in sorted(val)]}}
-    for key in TRAIN_SERIES:
-        out["train"][key] = [float(train[s][key]) if train[s].get(key) is not None else float("nan") for s in steps]
-    return out
-
-
-def _read_json(path: Path, what: str, notes: list[str]):
-    """The JSON at `path`, or None with a note when it is missing or unreadable (optional inputs)."""
-    path = Path(path)
-    if not path.is_file():
-        notes.append(f"{what} {path} not found: skipped")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        notes.append(f"{what} {path} is not valid JSON ({type(e).__name__}): skipped")
-        return None
-
-
-def read_config(run_dir: Path) -> dict:
-    """A few settings of the run from config.yaml, flattened ({} when absent)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return {}
-    keys = ["model.partial_pretrain", "data.train_files", "data.max_length", "data.train_batch_size",
-            "optim.lr", "optim.lr_scheduler", "trainer.total_training_steps", "trainer.total_epochs",
-            "diffusion.time_reweighting", "model.lora_rank", "trainer.seed"]
-    out = {}
-    for key in keys:
-        node = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            out[key] = node
-    return out
-
-
-def model_label(model: str) -> str:
-    """A short name for a model path: its directory name, or the run's for RUN/checkpoint-* exports."""
-    p = Path(str(model).rstrip("/"))
-    if p.name.startswith("checkpoint") and p.parent.name:
-        return p.parent.name
-    return p.name or str(model)
-
-
-def read_evals(paths: list[str], notes: list[str]) -> list[dict]:
-    """[{"file", "label", "model", "tasks": {name: {accuracy, correct, total}}, "decoding", "time_s"}]."""
-    evals = []
-    for path in paths:
-        data = _read_json(Path(path), "eval results", notes)
-        if data is None:
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
-            notes.append(f"eval results {path} has no 'tasks' (not an eval_results.json): skipped")
-            continue
-        evals.append({"file": str(path), "model": str(data.get("model", "")), "label": model_label(data.get("model", path)),
-                      "tasks": {t: v for t, v in data["tasks"].items() if isinstance(v, dict) and "accuracy" in v},
-                      "decoding": data.get("decoding") or {}, "time_s": data.get("time_s")})
-    labels = [e["label"] for e in evals]
-    for e in evals:  # two evals of models with the same name: tell them apart by file
-        if labels.count(e["label"]) > 1:
-            e["label"] = f"{e['label']} ({Path(e['file']).stem})"
-    return evals
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -232,7 +140,8 @@ def _pick_examples(rows: list[dict], k: int) -> list[dict]:
 
 
 def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict], compare: dict | None,
-                   validation: dict | None, images: list[str], notes: list[str]) -> list[tuple]:
+                   validation: dict | None, images: list[str], notes: list[str],
+                   truncation: dict | None = None) -> list[tuple]:
     tr, va = metrics["train"], metrics["val"]
     doc = [("h1", f"dreamtune report: {run_dir.name}"), ("p", f"Run directory: `{run_dir}`")]
 
@@ -282,11 +191,17 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
         doc.append(("p", "No comparison given (--compare FILE): no examples."))
 
     doc.append(("h2", "Training data"))
+    if truncation:
+        doc.append(("p", _truncation_text(truncation, config)))
     if validation:
         v = validation
         doc.append(("p", f"{v.get('rows', '?')} rows, tokenizer `{v.get('tokenizer', '?')}`, max_length {v.get('max_length', '?')}: "
                          f"{v.get('over_max_length', '?')} rows over max_length, {v.get('answer_lost_right_truncation', '?')} "
                          "would lose their final answer to right truncation."))
+        trained_at = config.get("data.max_length")
+        if trained_at is not None and v.get("max_length") is not None and trained_at != v["max_length"]:
+            doc.append(("p", f"Note: this report was measured at max_length {v['max_length']}; the run trained at "
+                             f"data.max_length={trained_at}."))
         stats = [(k, *[_fmt(v[k].get(s)) for s in ("min", "median", "mean", "p90", "p99", "max")])
                  for k in ("prompt", "response", "total") if isinstance(v.get(k), dict)]
         if stats:
@@ -304,6 +219,19 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
         doc.append(("h2", "Notes"))
         doc.append(("list", notes))
     return doc
+
+
+def _truncation_text(t: dict, config: dict) -> str:
+    """One sentence on what the trainer's truncation policy did (RUN/data_summary.json's `truncation`)."""
+    policy = t.get("policy", config.get("data.truncation", "?"))
+    parts = []
+    for split in ("train", "val"):
+        s = t.get(split)
+        if isinstance(s, dict):
+            done = [f"{s[k]} {k.replace('_', ' ')}" for k in ("truncated", "dropped", "answer_lost") if s.get(k) is not None]
+            parts.append(f"{split}: {', '.join(done) or 'nothing cut'} of {s.get('rows', '?')} rows")
+    return (f"The trainer's truncation (data.truncation={policy}, max_length {t.get('max_length', config.get('data.max_length', '?'))}) "
+            + ("; ".join(parts) if parts else "recorded no counts") + ".")
 
 
 def _md_cell(text) -> str:
@@ -399,10 +327,11 @@ def _validation_png(validation: dict | None, validation_path: Path | None) -> Pa
     """The histogram `dreamtune data validate` wrote beside its report, if it is still there."""
     if not validation:
         return None
-    candidates = [Path(validation["histogram"])] if validation.get("histogram") else []
-    if validation_path is not None:
-        candidates.append(validation_path.with_suffix(".png"))
-        candidates.append(validation_path.parent / "validation.png")
+    # its own PNG only: beside it under the same name (RUN/data_validation.png, validation.max_length-16.png),
+    # or where it was written; a validation.png beside a side file belongs to another report
+    candidates = [validation_path.with_suffix(".png")] if validation_path is not None else []
+    if validation.get("histogram"):
+        candidates.append(Path(validation["histogram"]))
     return next((p for p in candidates if p.is_file()), None)
 
 
@@ -413,11 +342,12 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
     metrics = read_metrics(run_dir)
     config = read_config(run_dir)
     eval_data = read_evals(list(evals), notes)
-    compare_data = _read_json(Path(compare), "comparison", notes) if compare else None
+    compare_data = read_compare(compare, notes) if compare else None
     if validation is None and (run_dir / "data_validation.json").is_file():
-        validation = run_dir / "data_validation.json"
+        validation = run_dir / "data_validation.json"  # the trainer's copy of the data's report
     validation_path = Path(validation) if validation else None
-    validation_data = _read_json(validation_path, "data validation report", notes) if validation_path else None
+    validation_data = read_validation(validation_path, notes) if validation_path else None
+    truncation = read_data_summary(run_dir, notes)
     out = Path(out).expanduser() if out else run_dir / "report"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())):
         raise ValueError(f"--out {out} exists and is not a report directory; choose another --out")
@@ -433,7 +363,8 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
         if png is not None:
             shutil.copyfile(png, tmp / "validation.png")
             images["validation.png"] = (tmp / "validation.png").read_bytes()
-        doc = build_document(run_dir, metrics, config, eval_data, compare_data, validation_data, list(images), notes)
+        doc = build_document(run_dir, metrics, config, eval_data, compare_data, validation_data, list(images), notes,
+                             truncation)
         (tmp / "report.md").write_text(render_markdown(doc))
         (tmp / "report.html").write_text(render_html(doc, images))
         series = {"train": metrics["train"], "val": metrics["val"],

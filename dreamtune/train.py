@@ -231,6 +231,10 @@ def train(cfg) -> Path:
             write_text(run_dir / "config.yaml", to_yaml(cfg))
     D.barrier()
     setup_logging(run_dir, dev.is_main)
+    if dev.is_main:  # the data's validation report travels with the run: `dreamtune report RUN` shows it
+        from dreamtune.validation_files import copy_data_validation
+
+        copy_data_validation(cfg.data.train_files, cfg.data.max_length, run_dir)
     LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
              f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
              f"device {dev.device}")

@@ -68,6 +68,7 @@ def test_eval_end_to_end(model_dir, tmp_path):
         assert s["total"] == 5 and 0 <= s["correct"] <= 5 and set(s["by_stage"]) >= {"exact", "none"}
     d = summary["decoding"]
     assert (d["alg"], d["steps"], d["max_new_tokens"], d["temperature"]) == ("entropy", 4, 16, 0.2)
+    assert not set(d) & {"threshold", "block_length", "tokens_per_step", "use_cache", "dual_cache"}  # fast's only
     assert summary["model"] == str(Path(model_dir).resolve()) and summary["prompt_format"] == "chat"
     assert summary["time_s"] > 0 and summary["seed"] == 0 and summary["created"]
     rows = read_jsonl(out.with_name("eval_results.samples.jsonl"))
@@ -86,7 +87,9 @@ def test_eval_fewshot(model_dir, tmp_path):
                 "--prompt-format", "fewshot", "--shots", "1", "--alg", "fast", "--out", str(out), *FAST]) == 0
     rows = read_jsonl(tmp_path / "few.samples.jsonl")
     assert len(rows) == 2 and rows[0]["prompt"].count("Question:") == 2
-    assert json.loads(out.read_text())["decoding"]["sampler"] == "fast"
+    d = json.loads(out.read_text())["decoding"]
+    assert d["sampler"] == "fast" and {"threshold", "block_length", "use_cache", "dual_cache"} <= set(d)
+    assert not set(d) & {"steps", "eps", "alg_temp"}  # Dream's sampler's only
 
 
 @needs_data
@@ -169,6 +172,56 @@ def test_config_check_and_torn_lines(tmp_path):
         evaluate.read_rows(p)
 
 
+# --------------------------------------------------------------------------------------- local benchmark files
+
+
+def write_bench(root: Path, n: int = 2) -> Path:
+    """root/gsm8k/test.jsonl in GSM8K's own format, made up here (n rows)."""
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many apples does he have?",
+             "answer": f"He has {i} + {i + 1} = {2 * i + 1} apples.\n#### {2 * i + 1}"} for i in range(1, n + 1)]
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_eval_and_compare_find_local_files_and_share_defaults(model_dir, tmp_path, monkeypatch, capsys):
+    """No --data-dir, no --prompt-format: both verbs read ./data/eval, then $DREAMTUNE_EVAL_DATA, in chat."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DREAMTUNE_EVAL_DATA", raising=False)
+    write_bench(tmp_path / "data" / "eval", n=2)
+    assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--out", "results/eval_results.json", *FAST]) == 0
+    summary = json.loads((tmp_path / "results" / "eval_results.json").read_text())
+    assert summary["data_dir"] == str(Path("data") / "eval") and summary["prompt_format"] == "chat"
+    assert summary["tasks"]["gsm8k"]["total"] == 2
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--task", "gsm8k", "--n", "5",
+                "--max-new-tokens", "8", "--out", "results/compare.json"]) == 0
+    cmp = json.loads((tmp_path / "results" / "compare.json").read_text())
+    assert cmp["prompt_format"] == "chat" and [r["answer"] for r in cmp["rows"]] == ["3", "5"]
+    assert "benchmark files: data/eval (from the default folder ./data/eval)" in capsys.readouterr().err
+
+    mine = write_bench(tmp_path / "elsewhere", n=3)  # the setting wins over the default folder
+    monkeypatch.setenv("DREAMTUNE_EVAL_DATA", str(mine))
+    assert cli(["compare", "--base", model_dir, "--tuned", model_dir, "--task", "gsm8k", "--n", "5",
+                "--max-new-tokens", "8", "--out", "results/c2.json"]) == 0
+    assert len(json.loads((tmp_path / "results" / "c2.json").read_text())["rows"]) == 3
+    err = capsys.readouterr().err  # compare's progress bar: both models' answers, with the time left
+    assert "compare base" in err and "compare tuned" in err and "6/6" in err and "<" in err
+    monkeypatch.setenv("DREAMTUNE_EVAL_DATA", str(tmp_path / "typo"))
+    assert cli(["eval", "--model", model_dir, "--tasks", "gsm8k", "--out", "results/e2.json", *FAST]) == 2
+    assert "DREAMTUNE_EVAL_DATA" in one_error_line(capsys) and not (tmp_path / "results" / "e2.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["compare"], ["generate"], ["grade"], ["report"], ["export"], ["demo"],
+                                  ["quickstart"], ["doctor"], ["data", "download"], ["data", "prepare"],
+                                  ["data", "validate"]])
+def test_help_names_no_path_outside_the_repository(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli([*argv, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and "../" not in text and "shared/" not in text
+
+
 # --------------------------------------------------------------------------------------- compare, generate
 
 
@@ -201,6 +254,10 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--json", "--seed", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["decoding"]["max_new_tokens"] == 16 and res["tokens_per_s"] > 0 and res["nfe"] >= 1
+    assert "steps" in res["decoding"] and "threshold" not in res["decoding"]
+    assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--json", "--alg", "fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)["decoding"]
+    assert "threshold" in fast and "steps" not in fast and "eps" not in fast
     assert cli(["generate", "--model", model_dir, "Hello", "--max-new-tokens", "16", "--seed", "1"]) == 0
     cap = capsys.readouterr()
     assert cap.out.rstrip("\n") == res["response"] and "tokens/s" in cap.err
@@ -218,13 +275,14 @@ def test_generate_cli(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--model", "/nonexistent/model", "--tasks", "gsm8k", "--prompt-format", "chat"], "does not exist"),
     (["eval", "--model", "MODEL", "--tasks", "gsm8k,bogus", "--prompt-format", "chat"], "unknown task 'bogus'"),
-    (["eval", "--model", "MODEL", "--tasks", "gsm8k"], "--prompt-format"),
+    (["eval", "--model", "MODEL", "--tasks", "gsm8k", "--data-dir", "TMP/no-such-folder"], "does not exist"),
     (["eval", "--model", "MODEL", "--prompt-format", "chat", "--alg", "nope"], "invalid choice"),
     (["generate", "--model", "/nonexistent/model", "hi"], "does not exist"),
     (["generate", "--model", "MODEL", "hi", "--bogus-flag"], "unrecognized arguments"),
     (["generate", "--model", "MODEL", "hi", "--top-p", "2"], "top_p"),
     (["generate", "--model", "MODEL"], "either a prompt or --input"),
     (["compare", "--base", "/nonexistent/a", "--tuned", "MODEL", "--prompts", "PROMPTS"], "does not exist"),
+    (["compare", "--base", "MODEL", "--tuned", "/nonexistent/b", "--prompts", "PROMPTS"], "--tuned: model directory"),
     (["compare", "--base", "MODEL", "--tuned", "MODEL"], "--prompts FILE or --task"),
     (["generate", "--model", "MODEL", "--input", "PROMPTS", "--output", "o.jsonl", "--batch-size", "0"], "--batch-size"),
     (["eval", "--model", "MODEL", "--tasks", "gsm8k", "--prompt-format", "chat", "--batch-size", "0"], "--batch-size"),

@@ -111,6 +111,34 @@ MV_CASES = [  # need math-verify (symbolic equivalence)
     ("\\boxed{3.14}", "\\pi", False, "none", "boxed"),
 ]
 
+# Malformed boxes as real models write them: each shape is read by its own rule (`how`), and for each a
+# near-miss stays wrong, because the repair reads only what the box holds and only where it is a box.
+MALFORMED_CASES = [
+    # unclosed before </answer>: the tag shows the model finished its answer
+    ("The total is 78.\n<answer>\\boxed{78</answer>", "78", True, "exact", "boxed_unclosed"),
+    ("<answer>\\boxed{\\frac{1}{2}</answer>", "0.5", True, "numeric", "boxed_unclosed"),
+    ("So 3 + 75 = 78, and the answer is <answer>$\\boxed{78$</answer>", "78", True, "exact", "boxed_unclosed"),
+    #   near-misses: the content is graded as written, not its first number; a box spanning lines is no box
+    ("<answer>\\boxed{78 + 5</answer>", "78", False, "none", "boxed_unclosed"),
+    ("<answer>\\boxed{78\nWait, I dropped the 2 extra apples, so the total is 80</answer>", "78", False, "none",
+     "answer_tag"),
+    # no backslash
+    ("She has 3 * 9 = 27 marbles, so boxed{27}.", "27", True, "exact", "boxed_no_backslash"),
+    ("<answer>boxed{\\frac{3}{4}}</answer>", "\\frac{3}{4}", True, "exact", "boxed_no_backslash"),
+    #   near-misses: a word ending in "boxed" is not the command; a bare box holding an expression is that
+    ("She unboxed{27} cards and kept 30.", "27", False, "none", "last_number"),
+    ("Thus boxed{27 - 2}", "27", False, "none", "boxed_no_backslash"),
+    # an empty box, the answer written right after it
+    ("The final answer is \\boxed{}32", "32", True, "exact", "boxed_after_empty"),
+    ("Total: $\\boxed{}$ 32.\n", "32", True, "exact", "boxed_after_empty"),
+    #   near-misses: an echoed instruction followed by a numbered list or by working is not an answer
+    ("Put the final answer within \\boxed{}1. First, 3 + 4 = 7", "1", False, "none", "last_number"),
+    ("\\boxed{}3 + 29 = 32", "3", False, "none", "last_number"),
+    # a well-formed box anywhere beats every repair; a box cut at the end of the text is not repaired
+    ("boxed{27}, no: \\boxed{25}", "27", False, "none", "boxed"),
+    ("The answer is 789, so \\boxed{78", "78", False, "none", "answer_colon"),
+]
+
 GPQA_CASES = [
     ("The electron is negative, so the answer is \\boxed{C}.", "C", True, "exact", "boxed"),
     ("Answer: (B)", "B", True, "exact", "answer_colon"),
@@ -146,6 +174,24 @@ def test_math_golden(case):
 @pytest.mark.parametrize("case", MV_CASES, ids=lambda c: repr(c[0])[:40])
 def test_math_verify_golden(case):
     _check(case, "math500")
+
+
+@pytest.mark.parametrize("case", MALFORMED_CASES, ids=lambda c: repr(c[0])[:40])
+def test_malformed_box_golden(case):
+    _check(case, "gsm8k")
+    _check(case, "math500")
+
+
+def test_malformed_boxes_in_a_pool_and_counted_by_rule(tmp_path, capsys):
+    """grade_many gives the same verdicts as grade; `dreamtune grade` prints how many answers each rule read."""
+    rows = [{"response": r, "answer": a} for r, a, *_ in MALFORMED_CASES]
+    assert [v["how"] for v in grade_many(rows, "gsm8k", workers=0)] == [c[4] for c in MALFORMED_CASES]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert grading.main(["--task", "gsm8k", "--predictions", str(preds), "--workers", "0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("answers found by:"))
+    for rule in ("boxed_unclosed", "boxed_no_backslash", "boxed_after_empty"):
+        assert f"{rule} {sum(c[4] == rule for c in MALFORMED_CASES)}," in line
 
 
 @pytest.mark.parametrize("case", GPQA_CASES, ids=lambda c: repr(c[0])[:40])

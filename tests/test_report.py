@@ -171,3 +171,50 @@ def test_leaves_are_not_imported_by_the_package():
     pattern = re.compile(r"^\s*(from\s+dreamtune(\.report|\.demo)\s+import|import\s+dreamtune\.(report|demo)|from\s+dreamtune\s+import\s+.*\b(report|demo)\b)", re.M)
     offenders = [str(p) for p in pkg.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_inputs_of_another_kind_are_skipped_with_what_they_are(inputs, capsys):
+    """The README's layout puts compare.json beside eval_results.json: passing one for the other is said."""
+    out = inputs["tmp"] / "r3"
+    assert cli_main(["report", str(inputs["run"]), "--eval", str(inputs["compare"]), "--eval", str(inputs["evals"][1]),
+                     "--compare", str(inputs["evals"][0]), "--validation", str(inputs["evals"][0]), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert f"eval results {inputs['compare']} is a comparison (pass it with --compare), not eval results: skipped" in md
+    assert f"comparison {inputs['evals'][0]} is eval results (pass it with --eval), not a comparison: skipped" in md
+    assert "not a data validation report: skipped" in md
+    assert "| run | gsm8k | 50.0% |" in md and "No comparison given" in md  # the right file still read
+    assert "No data validation report" in md
+
+
+def test_the_runs_validation_copy_its_png_and_a_max_length_mismatch(inputs):
+    run = inputs["run"]
+    (run / "config.yaml").write_text("data:\n  max_length: 64\n  truncation: right\n")
+    (run / "data_validation.json").write_text(inputs["validation"].read_text())  # measured at max_length 32
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    fig.savefig(run / "data_validation.png", format="png")
+    (inputs["validation"].parent / "validation.png").write_bytes(b"not this one")
+    out = inputs["tmp"] / "r4"
+    assert cli_main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "3 rows over max_length" in md
+    assert "measured at max_length 32; the run trained at data.max_length=64" in md
+    assert (out / "validation.png").read_bytes() == (run / "data_validation.png").read_bytes()
+
+
+def test_truncation_counts_of_the_run_are_shown(inputs):
+    run = inputs["run"]
+    (run / "data_summary.json").write_text(json.dumps({"truncation": {
+        "policy": "right", "max_length": 32, "train": {"rows": 90, "truncated": 7, "answer_lost": 5},
+        "val": {"rows": 10, "truncated": 1}}}))
+    out = inputs["tmp"] / "r5"
+    assert cli_main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert ("The trainer's truncation (data.truncation=right, max_length 32) train: 7 truncated, 5 answer lost "
+            "of 90 rows; val: 1 truncated of 10 rows.") in md
+    (run / "data_summary.json").write_text(json.dumps({"rows": 3}))  # no truncation block: noted, not shown
+    assert cli_main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "The trainer's truncation" not in md and "has no 'truncation' block: skipped" in md

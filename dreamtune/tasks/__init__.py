@@ -1,7 +1,7 @@
 """Benchmark tasks (loading, prompt formats) and synthetic reasoning tasks.
 
     from dreamtune import tasks
-    rows = tasks.load("gsm8k", data_dir="../shared/data/eval", limit=5)   # [{id, task, question, answer, ...}]
+    rows = tasks.load("gsm8k", data_dir="data/eval", limit=5)   # [{id, task, question, answer, ...}]
     msgs = tasks.build_prompt(rows[0], "chat")        # chat messages, for the model's chat template
     text = tasks.build_prompt(rows[0], "fewshot")     # plain few-shot string, base-model style
     answer_text = tasks.truncate_response(generated, "fewshot")  # drop a hallucinated next "Question:"
@@ -15,6 +15,7 @@ prompt formats.
 from __future__ import annotations
 
 from dreamtune.tasks import competition, gpqa, gsm8k, math500
+from dreamtune.tasks.common import DATA_ENV, DEFAULT_DATA_DIR, resolve_data_dir
 from dreamtune.tasks.synthetic import SYNTHETIC_TASKS, alphabet, grade_synthetic, make_rows
 
 TASKS = {
@@ -49,9 +50,10 @@ def _module(name: str):
 def load(name: str, data_dir=None, limit: int | None = None) -> list[dict]:
     """Rows `{"id", "task", "question", "answer" (str), ...}` of a benchmark's test set.
 
-    `data_dir`: a directory in the `../shared/data/eval` layout (`<data_dir>/<name>/test.jsonl`) or a
-    JSONL file; None tries the Hugging Face Hub (ValueError suggesting --data-dir on failure). GPQA is
-    only read from a file you supply. `limit` keeps the first rows.
+    `data_dir`: a directory of your benchmark files (`<data_dir>/<name>/test.jsonl`) or a JSONL file;
+    None tries the Hugging Face Hub (ValueError suggesting --data-dir on failure; the CLI verbs look
+    for local files first, see `resolve_data_dir`). GPQA is only read from a file you supply. `limit`
+    keeps the first rows.
     """
     return _module(name).load(name, data_dir=data_dir, limit=limit)
 
@@ -113,6 +115,16 @@ def build_prompt(
     return "\n\n".join(blocks)
 
 
+def add_benchmark_args(ap) -> None:
+    """--data-dir and --prompt-format, with the same help and defaults for eval and compare."""
+    ap.add_argument("--data-dir", default=None, help=(
+        f"your benchmark files, laid out as DIR/<task>/test.jsonl (e.g. DIR/gsm8k/test.jsonl); default: "
+        f"${DATA_ENV}, else ./{DEFAULT_DATA_DIR} when it exists, else the Hugging Face Hub"))
+    ap.add_argument("--prompt-format", default="chat", choices=PROMPT_FORMATS, help=(
+        "chat (default): the chat template a tuned model was trained with; fewshot: a base model's few-shot "
+        "text. Evaluate base and tuned models in the same format"))
+
+
 def truncate_response(text: str, fmt: str) -> str:
     """The part of a generation that answers this question: up to the first stop string of the format
     (for few-shot, where the base model begins inventing the next "Question:")."""
@@ -129,4 +141,5 @@ def truncate_response(text: str, fmt: str) -> str:
 __all__ = [
     "TASKS", "PROMPT_FORMATS", "SYNTHETIC_TASKS", "DEFAULT_SYSTEM_PROMPT", "BOXED_INSTRUCTION", "CHOICE_INSTRUCTION",
     "load", "fewshot_examples", "build_prompt", "truncate_response", "make_rows", "grade_synthetic", "alphabet",
+    "DATA_ENV", "DEFAULT_DATA_DIR", "resolve_data_dir", "add_benchmark_args",
 ]

@@ -1,13 +1,37 @@
 """Shared helpers for the benchmark loaders: local JSONL files, the Hub, uniform answers.
 
 Every benchmark loader returns rows `{"id": str, "task": str, "question": str, "answer": str, ...}`.
-Local files follow the `../shared/data/eval` layout: `<data_dir>/<name>/test.jsonl`.
+Local files follow one layout: `<data_dir>/<name>/test.jsonl` (gsm8k also `train.jsonl`, for shots).
+`resolve_data_dir` is how `dreamtune eval` and `dreamtune compare` find that directory by themselves.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+
+DATA_ENV = "DREAMTUNE_EVAL_DATA"
+DEFAULT_DATA_DIR = Path("data") / "eval"
+LAYOUT = "DIR/<task>/test.jsonl, e.g. DIR/gsm8k/test.jsonl"
+
+
+def resolve_data_dir(data_dir) -> tuple[str | None, str]:
+    """(directory or file of local benchmark files, where that choice came from) for eval and compare:
+    --data-dir when given, else $DREAMTUNE_EVAL_DATA, else ./data/eval when it exists; (None, "the Hub")
+    when none is set. A setting that names a missing path is a ValueError (a typo must not fall back to
+    a download)."""
+    if data_dir is not None:
+        return str(data_dir), "--data-dir"
+    env = os.environ.get(DATA_ENV, "").strip()
+    if env:
+        if not Path(env).expanduser().exists():
+            raise ValueError(f"{DATA_ENV}={env} does not exist; point it at your benchmark files ({LAYOUT}) "
+                             f"or unset it")
+        return env, f"${DATA_ENV}"
+    if DEFAULT_DATA_DIR.is_dir():
+        return str(DEFAULT_DATA_DIR), f"the default folder ./{DEFAULT_DATA_DIR}"
+    return None, "the Hugging Face Hub"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -28,10 +52,10 @@ def local_file(name: str, data_dir: str | Path, split: str = "test") -> Path:
     path = d / name / f"{split}.jsonl"
     if not path.is_file():
         if not d.exists():
-            raise ValueError(f"--data-dir {d} does not exist; expected the layout {d}/{name}/{split}.jsonl")
+            raise ValueError(f"benchmark folder {d} does not exist; expected the layout {d}/{name}/{split}.jsonl")
         raise ValueError(
-            f"no {name} data in --data-dir {d}: expected the file {path} "
-            f"(layout <data-dir>/<task>/{split}.jsonl, as in ../shared/data/eval)"
+            f"no {name} data in the benchmark folder {d}: expected the file {path} "
+            f"(layout <folder>/<task>/{split}.jsonl); add the file or pass --data-dir with another folder"
         )
     return path
 
@@ -49,8 +73,8 @@ def source_rows(name: str, data_dir, hub: dict, split: str | None = None) -> tup
 def hub_rows(name: str, repo: str, config: str | None, split: str) -> list[dict]:
     """Rows of a Hub dataset through `datasets`; any failure -> ValueError suggesting --data-dir."""
     hint = (
-        f"pass --data-dir DIR with DIR/{name}/test.jsonl (the ../shared/data/eval layout), "
-        f"or data_dir= in Python"
+        f"use your own files instead: put them in ./{DEFAULT_DATA_DIR}/{name}/test.jsonl, or pass --data-dir DIR "
+        f"(or set {DATA_ENV}=DIR) with DIR/{name}/test.jsonl; data_dir= in Python"
     )
     try:
         from datasets import load_dataset

@@ -1,6 +1,6 @@
 """Competition answers: AIME 2024, AIME 2025 (integers 0-999) and AMC 2023 (numbers).
 
-Local: `<data_dir>/<name>/test.jsonl`. The shared files differ: aime24 answers are strings like "025",
+Local: `<data_dir>/<name>/test.jsonl`. Published files differ: aime24 answers are strings like "025",
 aime25 ints, amc23 floats (27.0); rows here always carry the canonical text ("25", "70", "27").
 Hub: aime24 HuggingFaceH4/aime_2024 (train: the 30 problems), aime25 math-ai/aime25 (test),
 amc23 math-ai/amc23 (test). Rows: `{"id", "task", "question", "answer", "url"?, "solution"?}`.
