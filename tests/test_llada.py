@@ -1,0 +1,213 @@
+"""LLaDA natively: a checkpoint in LLaDA's own format (the real LLaDA-8B-Instruct repository's small files from
+../shared/data/hub-layouts, tiny random weights under LLaDA's parameter names beside them) loads into
+transformers' Llama with the logits of the same weights mapped by hand, attends both ways, exports to LLaDA's
+format and loads back; LLaDA's sampler follows its reference algorithm.
+
+    python -m pytest -q -x tests/test_llada.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamtune import models
+from dreamtune.cli import main as cli
+from tests.conftest import shared_or_skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MASK, BOS, EOS, EOT = 126_336, 126_080, 126_081, 126_348
+TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64)
+
+
+def llada_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a LLaDA checkpoint and its shape, from LLaDA's config keys (as LLaDA's code builds them)."""
+    d, heads, kv, m = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["mlp_hidden_size"]
+    v, hd = cfg["embedding_size"], cfg["d_model"] // cfg["n_heads"]
+    shapes = {"model.transformer.wte.weight": (v, d), "model.transformer.ln_f.weight": (d,),
+              "model.transformer.ff_out.weight": (v, d)}
+    for n in range(cfg["n_layers"]):
+        b = f"model.transformer.blocks.{n}."
+        shapes |= {b + "attn_norm.weight": (d,), b + "q_proj.weight": (heads * hd, d), b + "k_proj.weight": (kv * hd, d),
+                   b + "v_proj.weight": (kv * hd, d), b + "attn_out.weight": (d, heads * hd), b + "ff_norm.weight": (d,),
+                   b + "ff_proj.weight": (m, d), b + "up_proj.weight": (m, d), b + "ff_out.weight": (d, m)}
+    return shapes
+
+
+def llada_download(layout: Path, out: Path, seed: int = 0) -> Path:
+    """The LLaDA layout's files with config.json's shape keys shrunk, and random weights under LLaDA's names in
+    the shards the real index names them in."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    for f in layout.iterdir():
+        shutil.copyfile(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(TINY)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in llada_shapes(cfg).items():
+        if len(shape) == 1:  # norm gains near 1, distinct per module, so a swapped norm changes the logits
+            sd[name] = 1 + 0.3 * torch.randn(shape, generator=g)
+        else:
+            sd[name] = torch.randn(shape, generator=g) * (0.5 if "wte" in name else shape[1] ** -0.5)
+    real_map = json.loads((layout / "model.safetensors.index.json").read_text())["weight_map"]
+    names = {k: real_map[k] for k in sd}  # KeyError here: a name the real checkpoint does not have
+    for f in sorted(set(names.values())):
+        save_file({k: sd[k] for k in names if names[k] == f}, str(out / f), metadata={"format": "pt"})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": names}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llada_dir(tmp_path_factory) -> Path:
+    return llada_download(shared_or_skip("hub-layouts", "llada-8b-instruct"), tmp_path_factory.mktemp("hub") / "LLaDA-8B-Instruct")
+
+
+@pytest.fixture(scope="module")
+def llada(llada_dir):
+    return models.load(llada_dir)
+
+
+def raw_weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(d.glob("*.safetensors")):
+        sd |= load_file(str(f))
+    return sd
+
+
+def by_hand(d: Path):
+    """The checkpoint's weights put into a transformers Llama by a mapping written out here, independently of
+    dreamtune.llada: LLaDA's modules and their Llama counterparts, one by one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = json.loads((d / "config.json").read_text())
+    lc = LlamaConfig(vocab_size=126_464, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=cfg["max_sequence_length"], rms_norm_eps=1e-5,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    lc.is_causal = False
+    raw = raw_weights(d)
+    sd = {"model.embed_tokens.weight": raw["model.transformer.wte.weight"],
+          "model.norm.weight": raw["model.transformer.ln_f.weight"],
+          "lm_head.weight": raw["model.transformer.ff_out.weight"]}
+    for n in range(2):
+        src, dst = f"model.transformer.blocks.{n}.", f"model.layers.{n}."
+        sd[dst + "input_layernorm.weight"] = raw[src + "attn_norm.weight"]
+        sd[dst + "self_attn.q_proj.weight"] = raw[src + "q_proj.weight"]
+        sd[dst + "self_attn.k_proj.weight"] = raw[src + "k_proj.weight"]
+        sd[dst + "self_attn.v_proj.weight"] = raw[src + "v_proj.weight"]
+        sd[dst + "self_attn.o_proj.weight"] = raw[src + "attn_out.weight"]
+        sd[dst + "post_attention_layernorm.weight"] = raw[src + "ff_norm.weight"]
+        sd[dst + "mlp.gate_proj.weight"] = raw[src + "ff_proj.weight"]
+        sd[dst + "mlp.up_proj.weight"] = raw[src + "up_proj.weight"]
+        sd[dst + "mlp.down_proj.weight"] = raw[src + "ff_out.weight"]
+    model = LlamaForCausalLM(lc)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def _prompt(lm, n_extra: int = 0) -> torch.Tensor:
+    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 7*8?"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return torch.tensor([list(ids) + [MASK] * n_extra])
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def test_llada_download_loads_as_llama_without_shift(llada):
+    assert type(llada.model).__name__ == "LlamaForCausalLM" and llada.model.config.is_causal is False
+    assert llada.shift is False and llada.mask_token_id == MASK
+    c = llada.model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (32, 2, 4, 2, 64)
+    assert c.vocab_size == 126_464 and c.rope_parameters["rope_theta"] == 5e5 and c.tie_word_embeddings is False
+    tok = llada.tokenizer
+    assert tok.bos_token_id == BOS and tok.eos_token_id == EOS and tok.convert_tokens_to_ids("<|mdm_mask|>") == MASK
+    assert {EOS, EOT} <= set(llada.stop_ids) and MASK not in llada.stop_ids and BOS not in llada.stop_ids
+    assert _prompt(llada)[0, 0].item() == BOS  # LLaDA's chat template opens with bos
+
+
+def test_llada_logits_equal_the_weights_mapped_by_hand(llada, llada_dir):
+    x = _prompt(llada, n_extra=6)
+    with torch.no_grad():
+        ours = llada.logits(x)
+        ref = by_hand(llada_dir)(input_ids=x).logits
+    assert ours.shape == ref.shape == (1, x.shape[1], 126_464)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert ref.abs().max().item() > 0.1  # the comparison is between real outputs, not zeros
+
+
+def test_llada_attention_is_bidirectional(llada):
+    x = _prompt(llada, n_extra=4)
+    y = x.clone()
+    y[0, -1] = 1234
+    with torch.no_grad():
+        a, b = llada.logits(x), llada.logits(y)
+    assert (a[0, 0] - b[0, 0]).abs().max().item() > 1e-4  # the first position sees the last token
+
+
+def test_llada_refuses_what_llama_does_not_compute(llada_dir, tmp_path):
+    bad = tmp_path / "swiglu"
+    shutil.copytree(llada_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "activation_type": "swiglu"}))
+    with pytest.raises(ValueError, match="activation_type 'swiglu'"):
+        models.load(bad)
+    missing = tmp_path / "missing"
+    shutil.copytree(llada_dir, missing)
+    index = json.loads((missing / "model.safetensors.index.json").read_text())
+    raw = raw_weights(missing)
+    del raw["model.transformer.blocks.1.up_proj.weight"]
+    del index["weight_map"]["model.transformer.blocks.1.up_proj.weight"]
+    from safetensors.torch import save_file
+
+    for f in missing.glob("*.safetensors"):
+        f.unlink()
+    save_file(raw, str(missing / "model-00001-of-00006.safetensors"), metadata={"format": "pt"})
+    index["weight_map"] = {k: "model-00001-of-00006.safetensors" for k in raw}
+    (missing / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="does not hold LLaDA's parameters"):
+        models.load(missing)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def test_llada_export_round_trip(llada, llada_dir, tmp_path):
+    out = tmp_path / "exported"
+    assert cli(["export", str(llada_dir), "--out", str(out), "--format", "llada", "--dtype", "fp32"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llada" and cfg["architectures"] == ["LLaDAModelLM"]
+    assert {k: cfg[k] for k in TINY} == TINY and cfg["embedding_size"] == 126_464 and cfg["rope_theta"] == 5e5
+    assert cfg["mask_token_id"] == MASK and cfg["eos_token_id"] == EOS and cfg["weight_tying"] is False
+    assert cfg["block_type"] == "llama" and cfg["activation_type"] == "silu" and cfg["layer_norm_type"] == "rms"
+    assert not {"hidden_size", "num_hidden_layers", "rope_parameters", "is_causal"} & set(cfg)
+    source = json.loads((llada_dir / "config.json").read_text())
+    assert set(source) - {"transformers_version"} <= set(cfg)  # every key LLaDA's own config has
+    names = set(raw_weights(out))
+    assert names == set(json.loads((llada_dir / "model.safetensors.index.json").read_text())["weight_map"])
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tcfg["chat_template"] == llada.tokenizer.chat_template and "auto_map" not in tcfg
+    back = models.load(out)
+    assert back.shift is False and back.mask_token_id == MASK and back.stop_ids == llada.stop_ids
+    x = _prompt(llada, n_extra=5)
+    with torch.no_grad():
+        assert (back.logits(x) - llada.logits(x)).abs().max().item() <= 1e-6
+
+
+def test_llada_export_refuses_a_shifting_model(llada, tmp_path):
+    from dreamtune.llada import save_llada
+
+    shifted = models.DiffusionLM(model=llada.model, tokenizer=llada.tokenizer, mask_token_id=MASK, shift=True)
+    with pytest.raises(ValueError, match="does not shift"):
+        save_llada(shifted, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
