@@ -211,3 +211,151 @@ def test_llada_export_refuses_a_shifting_model(llada, tmp_path):
     with pytest.raises(ValueError, match="does not shift"):
         save_llada(shifted, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- LLaDA's sampler
+
+
+def reference_generate(lm, prompt, steps, gen_length, block_length, cfg_scale=0.0, mask_id=MASK):
+    """LLaDA's generate.py at temperature 0 (remasking low_confidence), written out plainly for a model that
+    does not shift: logits over the whole canvas, confidence = softmax probability of the argmax, positions
+    past the block at -inf, the top-k masked positions of each row revealed."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt.shape[1]] = prompt.clone()
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    for num_block in range(num_blocks):
+        lo = prompt.shape[1] + num_block * block_length
+        block_mask_index = x[:, lo:lo + block_length] == mask_id
+        mask_num = block_mask_index.sum(dim=1, keepdim=True)
+        num_transfer = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + mask_num // steps
+        for j in range(mask_num.size(0)):
+            num_transfer[j, :(mask_num % steps)[j]] += 1
+        for i in range(steps):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                logits, un_logits = torch.chunk(lm.logits(torch.cat([x, un_x], dim=0)), 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = lm.logits(x)
+            x0 = torch.argmax(logits, dim=-1)
+            p = torch.softmax(logits.to(torch.float64), dim=-1)
+            x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+            x0_p[:, lo + block_length:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select_index = torch.topk(confidence[j], k=int(num_transfer[j, i]))
+                transfer_index[j, select_index] = True
+            x[transfer_index] = x0[transfer_index]
+    return x
+
+
+@pytest.mark.parametrize("steps,block_length,cfg_scale", [(12, 12, 0.0), (9, 4, 0.0), (6, 4, 1.5)])
+def test_llada_sampler_at_temperature_0_equals_llada_reference(llada, steps, block_length, cfg_scale):
+    from dreamtune.sampling import generate
+
+    prompt = _prompt(llada)
+    with torch.no_grad():
+        want = reference_generate(llada, prompt, steps, 12, block_length, cfg_scale)
+        got = generate(llada, prompt, max_new_tokens=12, steps=steps, alg="low_confidence", block_length=block_length,
+                       temperature=0.0, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got.sequences, want)
+    assert len(set(want[0, prompt.shape[1]:].tolist())) > 1  # a real answer, not one token repeated
+
+
+@pytest.mark.parametrize("alg", ["low_confidence", "random"])
+def test_llada_sampler_reveal_counts_and_block_order(llada, alg):
+    from dreamtune.sampling import generate
+
+    prompt = _prompt(llada)
+    p = prompt.shape[1]
+    # 12 tokens in 3 blocks of 4, 9 steps: 3 per block, revealing 2, 1, 1 (4 // 3 = 1, the first 4 % 3 = 1 step one more)
+    out = generate(llada, prompt, max_new_tokens=12, steps=9, alg=alg, block_length=4, temperature=0.7,
+                   return_history=True, generator=torch.Generator().manual_seed(3))
+    revealed = [int((h[0, p:] != MASK).sum()) for h in out.history]
+    assert revealed == [2, 3, 4, 6, 7, 8, 10, 11, 12] and out.nfe == 9
+    for step, h in enumerate(out.history):
+        block = step // 3
+        done = (h[0, p:] != MASK).tolist()
+        assert all(done[:4 * block])  # earlier blocks finished
+        assert not any(done[4 * (block + 1):])  # nothing after the current block
+    assert torch.equal(out.sequences[:, :p], prompt)
+    # more steps per block than tokens: 2 blocks of 2 over 8 steps reveal 1, 1, 0, 0 per block; empty steps run nothing
+    out = generate(llada, prompt, max_new_tokens=4, steps=8, alg=alg, block_length=2, return_history=True,
+                   generator=torch.Generator().manual_seed(3))
+    assert [int((h[0, p:] != MASK).sum()) for h in out.history] == [1, 2, 2, 2, 3, 4, 4, 4] and out.nfe == 4
+
+
+def test_llada_transfer_counts_and_gumbel_noise():
+    from dreamtune.llada_sampling import gumbel_argmax, transfer_counts
+
+    masked = torch.tensor([[True] * 7 + [False], [True] * 3 + [False] * 5, [False] * 8])
+    assert transfer_counts(masked, 3).tolist() == [[3, 2, 2], [1, 1, 1], [0, 0, 0]]
+    assert transfer_counts(masked, 5).tolist() == [[2, 2, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
+    logits = torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(0))
+    got = gumbel_argmax(logits, 0.8, torch.Generator().manual_seed(7))
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    want = (logits.double().exp() / (-torch.log(u)) ** 0.8).argmax(-1)
+    assert torch.equal(got, want) and not torch.equal(got, logits.argmax(-1))
+    assert torch.equal(gumbel_argmax(logits, 0.0, None), logits.argmax(-1))
+
+
+class EosEverySecond(torch.nn.Module):
+    """An output head that makes every second position of what it scores propose eos with near certainty."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h):  # h [B, N, H] -> [B, N, V]
+        logits = self.head(h).clone()
+        logits[:, ::2, EOS] = 50.0
+        return logits
+
+
+def test_llada_sampler_eos_options(llada):
+    from dreamtune.sampling import generate
+
+    prompt = _prompt(llada)
+    p = prompt.shape[1]
+    head = llada.model.lm_head
+    llada.model.lm_head = EosEverySecond(head)
+    try:
+        kw = dict(max_new_tokens=8, steps=8, alg="low_confidence", block_length=8, return_history=True,
+                  generator=torch.Generator().manual_seed(0))
+        first = [h[0, p:].tolist() for h in generate(llada, prompt, **kw).history]
+        assert first[0].count(EOS) == 1 and first[3].count(EOS) == 4  # eos is the most confident: revealed first
+        banned = generate(llada, prompt, logits_eos_inf=True, **kw)
+        assert EOS not in banned.sequences[0, p:].tolist()
+        last = [h[0, p:].tolist() for h in generate(llada, prompt, confidence_eos_eot_inf=True, **kw).history]
+        assert [h.count(EOS) for h in last] == [0, 0, 0, 0, 1, 2, 3, 4]  # eos waits for every other position
+    finally:
+        llada.model.lm_head = head
+
+
+def test_llada_sampler_refuses_bad_settings(llada):
+    from dreamtune.sampling import generate
+
+    prompt = _prompt(llada)
+    with pytest.raises(ValueError, match="not a multiple of block_length"):
+        generate(llada, prompt, max_new_tokens=10, steps=10, alg="low_confidence", block_length=4)
+    with pytest.raises(ValueError, match="cannot be split over 3 blocks"):
+        generate(llada, prompt, max_new_tokens=12, steps=10, alg="low_confidence", block_length=4)
+    with pytest.raises(ValueError, match="no top-p/top-k"):
+        generate(llada, prompt, max_new_tokens=4, steps=4, alg="random", top_k=50)
+    with pytest.raises(ValueError, match="cfg_scale is a setting of LLaDA's sampler"):
+        generate(llada, prompt, max_new_tokens=4, steps=4, alg="entropy", cfg_scale=1.0)
+
+
+def test_llada_generate_cli(llada_dir, capsys):
+    code = cli(["generate", "--model", str(llada_dir), "What is 2+2?", "--chat", "--alg", "low_confidence",
+                "--block-length", "4", "--max-new-tokens", "8", "--cfg-scale", "0.5", "--temperature", "0", "--json"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["decoding"]["sampler"] == "llada" and row["decoding"]["steps"] == 8 and row["decoding"]["cfg_scale"] == 0.5
+    assert row["decoding"]["top_k"] is None and row["nfe"] == 8
