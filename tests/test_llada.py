@@ -359,3 +359,84 @@ def test_llada_generate_cli(llada_dir, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["decoding"]["sampler"] == "llada" and row["decoding"]["steps"] == 8 and row["decoding"]["cfg_scale"] == 0.5
     assert row["decoding"]["top_k"] is None and row["nfe"] == 8
+
+
+# ----------------------------------------------------------------------------------------------- LLaDA's SFT objective
+
+
+def test_llada_sft_loss_equals_llada_formula(llada):
+    """forward_loss with diffusion.objective=llada against LLaDA's formula computed directly: p = (1 - 1e-3) t +
+    1e-3, CE at masked positions / p, each sequence's sum / its answer length (eos padding included), mean over rows."""
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from dreamtune.batching import collate
+    from dreamtune.config import TrainConfig
+    from dreamtune.train import forward_loss
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.diffusion.objective = "llada"
+    examples = [([BOS, 11, 12, 13], [21, 22, 23, 24, 25, 26, 27, EOS]), ([BOS, 11], [31, 32, EOS]),
+                ([BOS, 14, 15], [41, 42, 43, 44, EOS])]
+    batch = collate(examples, max_length=16, pad_id=EOS)  # answers padded with eos: those are targets too
+    answer_lengths = batch.maskable.sum(1)  # [B]
+    assert answer_lengths.tolist() == [16 - 4, 16 - 2, 16 - 3]  # padded to max_length: everything after the prompt
+    for seed in range(3):
+        with torch.no_grad():
+            loss, _, n = forward_loss(llada, batch, cfg, torch.Generator().manual_seed(seed))
+            g = torch.Generator().manual_seed(seed)  # the same draws: t per row, then u per token
+            t = torch.rand(3, generator=g)
+            p_mask = ((1 - 1e-3) * t + 1e-3)[:, None].expand(batch.input_ids.shape)
+            masked = batch.maskable & (torch.rand(batch.input_ids.shape, generator=g) < p_mask)
+            noisy = torch.where(masked, MASK, batch.input_ids)
+            logits = llada.model(input_ids=noisy).logits  # LLaDA does not shift
+            ce = F.cross_entropy(logits[masked], batch.input_ids[masked], reduction="none") / p_mask[masked]
+            lengths = answer_lengths[:, None].expand(batch.input_ids.shape)
+            direct = torch.sum(ce / lengths[masked]) / batch.input_ids.shape[0]
+            dream_style = ce.sum() / masked.sum()
+        assert n == int(masked.sum()) > 0
+        assert abs(loss.item() - direct.item()) <= 1e-5 * direct.item()
+        assert abs(dream_style.item() - direct.item()) > 1e-3  # the normalisation differs from Dream's
+
+
+def test_llada_objective_refuses_other_weights():
+    from dreamtune.config import load_config
+
+    with pytest.raises(ValueError, match="diffusion.objective=llada"):
+        load_config(None, ["diffusion.objective=llada", "diffusion.time_reweighting=cart", "data.train_files=a.parquet"])
+    with pytest.raises(ValueError, match="choose one of dream, llada"):
+        load_config(None, ["diffusion.objective=lada", "data.train_files=a.parquet"])
+
+
+def test_llada_trains_3_steps_and_exports(llada_dir, tmp_path, capsys):
+    from tests.conftest import addition_rows, write_parquet
+
+    data = write_parquet(addition_rows(8), tmp_path / "train.parquet")
+    run = tmp_path / "run"
+    assert cli(["train", f"model.partial_pretrain={llada_dir}", f"data.train_files={data}", "data.max_length=48",
+                "data.train_batch_size=2", "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=3",
+                "trainer.device=cpu", f"trainer.default_local_dir={run}", "trainer.logger=['console']",
+                "diffusion.objective=llada", "model.dtype=fp32"]) == 0
+    final = run / "checkpoint-final"
+    assert cli(["export", str(final), "--out", str(tmp_path / "llada"), "--format", "llada", "--dtype", "fp32"]) == 0
+    tuned, back = models.load(final, dtype="fp32"), models.load(tmp_path / "llada")  # checkpoint-final is bf16
+    assert tuned.shift is False and back.shift is False and back.mask_token_id == MASK
+    x = _prompt(back, n_extra=4)
+    with torch.no_grad():
+        assert (back.logits(x) - tuned.logits(x)).abs().max().item() <= 1e-6
+        assert (back.logits(x) - models.load(llada_dir).logits(x)).abs().max().item() > 0  # training changed it
+
+
+@pytest.mark.parametrize("recipe", ["llada8b_s1k.yaml", "llada8b_s1k_lora.yaml"])
+def test_llada_recipes_dry_run(recipe, llada_dir, tmp_path, capsys):
+    from tests.conftest import addition_rows, write_parquet
+
+    path = Path(__file__).resolve().parents[1] / "configs" / recipe
+    head = path.read_text().splitlines()[:12]
+    assert any("Launch" in line for line in head) and any("GPU" in line for line in head)
+    data = write_parquet(addition_rows(32), tmp_path / "train.parquet")
+    code = cli(["train", "--dry-run", str(path), f"model.partial_pretrain={llada_dir}", f"data.train_files={data}",
+                "data.val_files=[]"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "model_type llada" in out and "objective: llada" in out
