@@ -12,7 +12,7 @@ then `RUN/latest` is replaced atomically. A crash during a save leaves the previ
 The final export (`RUN/checkpoint-final/`) is a bf16 Hugging Face directory (about 15 GB for 7B, not the
 90 GB of fp32 weights plus optimizer state the upstream trainer writes); LoRA adapters are merged in.
 
-    dreamtune export RUN/checkpoint-final --out DIR [--format hf|dream] [--dtype bf16|fp32]
+    dreamtune export RUN/checkpoint-final --out DIR [--format hf|dream|llada] [--dtype bf16|fp32]
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def export_main(argv: list[str]) -> int:
-    """`dreamtune export SRC --out DIR [--format hf|dream] [--dtype bf16|fp32] [--overwrite]`: re-export a model
+    """`dreamtune export SRC --out DIR [--format hf|dream|llada] [--dtype bf16|fp32] [--overwrite]`: re-export a model
     directory. An existing non-empty --out is replaced only with --overwrite."""
+    from dreamtune.llada import save_llada
     from dreamtune.models import load, save_dream, save_hf
 
     from dreamtune.cli import parser
@@ -155,7 +156,7 @@ def export_main(argv: list[str]) -> int:
     ap = parser("dreamtune export", export_main.__doc__)
     ap.add_argument("src", help="a model directory (e.g. RUN/checkpoint-final) or hub id")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--format", choices=["hf", "dream"], default="hf")
+    ap.add_argument("--format", choices=["hf", "dream", "llada"], default="hf")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is whole)")
     a = ap.parse_args(argv)
@@ -166,6 +167,6 @@ def export_main(argv: list[str]) -> int:
         raise ValueError(f"--out {out} exists and is not empty; add --overwrite to replace it, or choose another path")
     lm = load(a.src, dtype="fp32")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    out = (save_dream if a.format == "dream" else save_hf)(lm, a.out, dtype=dtype)
+    out = {"hf": save_hf, "dream": save_dream, "llada": save_llada}[a.format](lm, a.out, dtype=dtype)
     print(f"wrote {a.format} directory {out}")
     return 0

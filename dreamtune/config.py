@@ -35,6 +35,7 @@ CHOICES = {
     "data.truncation": ("error", "left", "right", "drop"),
     "data.perbatch_cutoff_type": ("random", "random_with_input_pad", "strip_padding"),
     "diffusion.time_reweighting": ("original", "linear", "cart", "none"),
+    "diffusion.objective": ("dream", "llada"),
     "model.dtype": ("bf16", "fp32"),
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "auto"),
     "trainer.wandb_mode": ("online", "offline", "disabled"),
@@ -109,6 +110,9 @@ class DiffusionConfig:
     alpha: float = 0.25
     gamma: float = 2.0
     t_eps: float = 0.0  # floor on t: p = (1 - eps) t + eps (Dream: 0; LLaDA/d1: 1e-3)
+    # dream: the weights above, normalised by the masked count; llada: LLaDA's SFT objective (t_eps 1e-3,
+    # 1/p weights, each sequence normalised by its answer length incl. trailing eos padding)
+    objective: str = "dream"
 
 
 @dataclass
@@ -272,6 +276,9 @@ def validate(cfg) -> None:
             raise ValueError(f"bad value for '{key}': {v} (must lie in [{lo}, {hi}])")
     if cfg.diffusion.time_reweighting == "cart" and not 0 < cfg.diffusion.cart_p < 1:
         raise ValueError(f"bad value for 'diffusion.cart_p': {cfg.diffusion.cart_p} (must lie in (0, 1) for cart)")
+    if cfg.diffusion.objective == "llada" and (cfg.diffusion.time_reweighting != "original" or cfg.diffusion.t_eps not in (0.0, 1e-3)):
+        raise ValueError("diffusion.objective=llada is LLaDA's objective, with its own weights (1/p) and t_eps (1e-3); "
+                         "leave diffusion.time_reweighting and diffusion.t_eps at their defaults")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"bad value for 'optim.betas': {list(cfg.optim.betas)} (two numbers, e.g. [0.9,0.95])")
     if cfg.optim.state_dtype == "bfloat16":

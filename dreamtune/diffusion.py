@@ -10,6 +10,12 @@ micro-batch. Weights (`diffusion.time_reweighting`):
     original  1/t                        linear  1 - t                  none  1
     cart      sum_{j != i} 0.5 p (1-p)^(|i-j|-1) [j unmasked]   (Dream paper, section 4.2; no 1/t)
 Optional focal term (`diffusion.token_reweighting`): alpha * (1 - e^-CE)^gamma * CE.
+
+`diffusion.objective=llada` is LLaDA's SFT objective instead: p = (1 - 1e-3) t + 1e-3, and
+    loss = 1/D * sum_d sum_{i masked in d} CE_i / (p_d * len_d)
+over the D sequences of the micro-batch, len_d = sequence d's answer length (its maskable tokens: the answer
+and its trailing eos padding, which are targets). `llada_weights` expresses it as weights for the same
+division by the masked count, so one loss function (and the fused LoRA head) serves both.
 """
 
 from __future__ import annotations
@@ -93,6 +99,22 @@ def position_weights(t: torch.Tensor, masked: torch.Tensor, kind: str, cart_p: f
         return cart_weights(masked, cart_p, doc_ids)[masked]
     t_pos = t[:, None].expand(masked.shape) if t.dim() == 1 else t  # [B, L]
     return time_weights(t_pos[masked], kind)
+
+
+LLADA_EPS = 1e-3  # LLaDA's floor on the masking probability
+
+
+def llada_weights(t: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """LLaDA's per-token weights, [N] in row-major order of `masked`: N / (p_d * len_d * D), so that
+    diffusion_loss's sum(CE * w) / N is LLaDA's loss (see the module docstring). t: [B] or [B, L] (already
+    floored: p); maskable, doc_ids [B, L] (doc_ids -1 = no sequence)."""
+    n_docs = int(doc_ids.max()) + 1
+    assert n_docs > 0, "a micro-batch holds at least one sequence"
+    lengths = torch.zeros(n_docs, device=doc_ids.device).index_add_(
+        0, doc_ids[maskable], torch.ones(int(maskable.sum()), device=doc_ids.device))  # [D] answer lengths
+    t_pos = t[:, None].expand(masked.shape) if t.dim() == 1 else t  # [B, L]
+    n = masked.sum().to(torch.float32)
+    return n / (t_pos[masked] * lengths[doc_ids[masked]] * n_docs)
 
 
 class _ChunkedCE(torch.autograd.Function):

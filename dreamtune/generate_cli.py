@@ -3,6 +3,7 @@
 
     dreamtune generate --model DIR "What is 7*8?" --chat --max-new-tokens 128 --alg entropy --seed 0
     dreamtune generate --model DIR "..." --alg fast --threshold 0.9 --block-length 32 --json
+    dreamtune generate --model LLaDA-8B-Instruct "..." --chat --alg low_confidence --block-length 32 --steps 128 --temperature 0
     dreamtune generate --model DIR --input prompts.jsonl --output out.jsonl --batch-size 16
 
 The answer (text up to the first eos) goes to stdout, the timing line to stderr. In batch mode each input
@@ -24,7 +25,7 @@ import torch
 
 from dreamtune.atomic import check_writable, write_jsonl
 from dreamtune.cli import parser, positive_int  # noqa: F401  (parser: verbs import it from here too)
-from dreamtune.sampling import ALGS, generate
+from dreamtune.sampling import ALGS, LLADA_ALGS, generate
 
 DEVICES = ("auto", "cpu", "cuda")
 # Dream's diffusion_generate, called without top_k, takes the model config's legacy generation default 50:
@@ -47,8 +48,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = ap.add_argument_group("sampler (recorded with every result)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="answer canvas length (default %(default)s)")
-    g.add_argument("--steps", type=int, default=None, help="Dream's diffusion steps (default: = max-new-tokens)")
-    g.add_argument("--alg", default="entropy", choices=ALGS, help="Dream's algorithms, or fast (Fast-dLLM style); default %(default)s")
+    g.add_argument("--steps", type=int, default=None, help="diffusion steps of Dream's and LLaDA's samplers (default: = max-new-tokens; "
+                                                           "LLaDA's splits them evenly over the blocks)")
+    g.add_argument("--alg", default="entropy", choices=ALGS, help="Dream's algorithms, fast (Fast-dLLM style), or LLaDA's "
+                                                                 "low_confidence / random; default %(default)s")
     g.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default %(default)s, Dream's README)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus filter, 1 = off (default %(default)s)")
     g.add_argument("--top-k", type=int, default=DREAM_TOP_K,
@@ -57,7 +60,9 @@ def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--alg-temp", type=float, default=0.0, help="> 0: draw positions from softmax(confidence / alg-temp)")
     g.add_argument("--eps", type=float, default=1e-3, help="end of Dream's time grid (default %(default)s)")
     g.add_argument("--threshold", type=float, default=0.9, help="fast: reveal positions above this confidence (1 = one per step)")
-    g.add_argument("--block-length", type=int, default=32, help="fast: block length (default %(default)s)")
+    g.add_argument("--block-length", type=int, default=32, help="fast, low_confidence, random: block length (default %(default)s)")
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="low_confidence, random: classifier-free guidance scale, 0 = off "
+                                                                "(a second forward with the prompt masked)")
     g.add_argument("--tokens-per-step", type=int, default=None, help="fast: reveal exactly this many per step instead of the threshold")
     g.add_argument("--no-cache", action="store_true", help="fast: no KV cache (every step runs the whole canvas)")
     g.add_argument("--dual-cache", action="store_true", help="fast: also cache the masked suffix")
@@ -71,6 +76,13 @@ def decoding_settings(args) -> dict:
     if args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or a positive number of tokens, got {args.top_k}")
     steps = args.max_new_tokens if args.steps is None else args.steps
+    if args.alg in LLADA_ALGS:  # LLaDA's sampler: no top-p/top-k filter, and guidance (recorded only here)
+        return {"sampler": "llada", "alg": args.alg, "steps": steps, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": args.eps,
+                "threshold": args.threshold, "block_length": args.block_length, "tokens_per_step": None,
+                "use_cache": not args.no_cache, "dual_cache": args.dual_cache, "cfg_scale": args.cfg_scale}
+    if args.cfg_scale:
+        raise ValueError(f"--cfg-scale is a setting of LLaDA's sampler; use --alg low_confidence or random, not {args.alg}")
     return {
         "sampler": "fast" if args.alg == "fast" else "dream",
         "alg": args.alg,
@@ -92,6 +104,9 @@ def decoding_settings(args) -> dict:
 def describe(decoding: dict) -> str:
     """The settings that decide what is sampled, in one phrase (printed with every result)."""
     steps = "" if decoding["steps"] is None else f", {decoding['steps']} steps"
+    if decoding.get("sampler") == "llada":
+        return (f"alg {decoding['alg']}{steps}, block_length {decoding['block_length']}, temperature {decoding['temperature']}, "
+                f"cfg_scale {decoding['cfg_scale']}")
     return (f"alg {decoding['alg']}{steps}, temperature {decoding['temperature']}, "
             f"top_k {decoding['top_k'] or 'off'}, top_p {decoding['top_p'] if decoding['top_p'] not in (None, 1) else 'off'}")
 
@@ -102,6 +117,7 @@ def describe(decoding: dict) -> str:
 NOT_READ_BY = {
     "dream": ("threshold", "block_length", "tokens_per_step", "use_cache", "dual_cache"),
     "fast": ("steps", "eps", "alg_temp"),
+    "llada": ("top_p", "top_k", "alg_temp", "eps", "threshold", "tokens_per_step", "use_cache", "dual_cache"),
 }
 
 

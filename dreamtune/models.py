@@ -8,12 +8,15 @@ alignment, so position i is scored from the output at i-1; LLaDA does not shift)
 What loads (`load(path_or_id)`):
 - a Dream checkpoint (config.json `model_type: "Dream"`): its config is mapped to Qwen2 and its weights,
   which already use Qwen2's parameter names, load without remote code;
+- a LLaDA checkpoint (`model_type: "llada"`, LLaDA's own keys and parameter names): read by
+  dreamtune.llada into transformers' Llama, no shift;
 - a dreamtune export (an HF directory with `dreamtune.json` beside config.json);
 - any Hugging Face Qwen2/Llama-family causal LM, adapted as Dream was made from Qwen2.5: attention made
   bidirectional, shift on, and a `<|mask|>` token added to the tokenizer and the embeddings if missing.
 
 What is written: `save_hf` (a directory dreamtune and `AutoModelForCausalLM` load) and `save_dream` (a
-Dream-format directory: model_type "Dream", Dream's config keys, the same parameter names).
+Dream-format directory: model_type "Dream", Dream's config keys, the same parameter names); dreamtune.llada's
+`save_llada` writes LLaDA's format.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ MASK_TOKEN = "<|mask|>"
 META_FILE = "dreamtune.json"
 # model_type -> how to treat it. Dream is Qwen2 under another name; the rest load through Auto classes.
 DECODER_TYPES = ("qwen2", "llama", "mistral", "qwen3")
-SUPPORTED_TYPES = ("Dream",) + DECODER_TYPES
+SUPPORTED_TYPES = ("Dream", "llada") + DECODER_TYPES  # llada: LLaDA's own format (dreamtune.llada)
 
 # Dream's config.json keys that Qwen2Config also has (everything else Dream writes is metadata).
 _DREAM_TO_QWEN2_KEYS = (
@@ -259,7 +262,7 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(
             f"{d}/config.json has model_type '{model_type}', which dreamtune cannot load; supported: "
-            f"{', '.join(SUPPORTED_TYPES)} (LLaDA checkpoints: convert to a llama directory first)"
+            f"{', '.join(SUPPORTED_TYPES)}"
         )
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
     check_weights(d)
@@ -278,6 +281,11 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
     if model_type == "Dream":
         model = Qwen2ForCausalLM.from_pretrained(str(d), config=dream_to_qwen2_config(cfg), **extra)
         do_shift = True if shift is None else shift
+    elif model_type == "llada":
+        from dreamtune.llada import load_model as load_llada
+
+        model = load_llada(d, cfg, **extra)
+        do_shift = False if shift is None else shift  # LLaDA scores position i from output i
     else:
         hf_cfg = AutoConfig.for_model(**cfg)  # from the dict: transformers never reads an auto_map here
         hf_cfg.is_causal = False

@@ -20,6 +20,9 @@ Dream's loop, as implemented here:
   negative entropy of those same probabilities.
 - left padding: pads are never attended and positions count from each row's first real token.
 
+`low_confidence` and `random` are LLaDA's sampler (dreamtune.llada_sampling: semi-autoregressive blocks
+of block_length, steps split over the blocks, classifier-free guidance with cfg_scale).
+
 Where this differs from Dream's code, on purpose, without changing what is computed:
 - a step that reveals nothing skips its forward pass (Dream runs it and discards it), so `nfe` can be
   below `steps`; `origin` draws its reveal decisions before the forward and scores only those positions;
@@ -41,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "fast")
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "fast", "low_confidence", "random")
+LLADA_ALGS = ("low_confidence", "random")  # dreamtune.llada_sampling
 # Rows of the [N, V] vocabulary projection sampled at a time: bounds the float32 working set of a step
 # (152k-entry vocabularies make [N, V] the largest tensor of generation).
 SAMPLE_CHUNK_ELEMENTS = 1 << 27
@@ -249,19 +253,33 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
              top_k: int | None = None, alg_temp: float | None = 0.0, eps: float = 1e-3,
              generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
              block_length: int = 32, use_cache: bool = True, dual_cache: bool = False, stop_at_eos: bool = True,
-             tokens_per_step: int | None = None, cuda_graphs: bool = True,
+             tokens_per_step: int | None = None, cuda_graphs: bool = True, cfg_scale: float = 0.0,
+             logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
              on_step: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
     """Generate max_new_tokens after each (left-padded) prompt; see the module docstring.
 
     input_ids [B, P] long and attention_mask [B, P] (1 = real token, 0 = left pad) on the model's device.
     Dream's algorithms use steps, eps, alg_temp. alg="fast" uses threshold, block_length, use_cache,
     dual_cache, stop_at_eos, tokens_per_step and cuda_graphs instead (see dreamtune.fast_sampling.generate_fast).
+    LLaDA's alg="low_confidence" | "random" use steps, block_length, temperature, cfg_scale, logits_eos_inf and
+    confidence_eos_eot_inf (see dreamtune.llada_sampling.generate_llada).
     on_step(x) is called with the canvas x [B, P + max_new_tokens] after every step that ran the model (the
     demo streams it; it must not modify x).
     """
     validate(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
              temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps, threshold=threshold,
              block_length=block_length)
+    if alg in LLADA_ALGS:
+        from dreamtune.llada_sampling import generate_llada
+
+        if top_p not in (None, 1) or top_k is not None:
+            raise ValueError(f"LLaDA's sampler (alg {alg}) has no top-p/top-k filter; pass top_p=None and top_k=None")
+        return generate_llada(lm, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps,
+                              block_length=block_length, alg=alg, temperature=float(temperature), cfg_scale=cfg_scale,
+                              logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                              generator=generator, return_history=return_history, on_step=on_step)
+    if cfg_scale:
+        raise ValueError(f"cfg_scale is a setting of LLaDA's sampler; use alg low_confidence or random, not {alg}")
     sampling = dict(temperature=float(temperature), top_p=top_p, top_k=top_k)
     if alg == "fast":
         from dreamtune.fast_sampling import generate_fast

@@ -129,16 +129,20 @@ def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle
 
 def forward_loss(lm, batch, cfg, generator: torch.Generator):
     """Noise the batch, run the model, return (loss, mean CE, masked count). One micro-batch."""
-    from dreamtune.diffusion import head_loss, mask_tokens, position_weights, sample_t
+    from dreamtune.diffusion import LLADA_EPS, head_loss, llada_weights, mask_tokens, position_weights, sample_t
 
+    llada = cfg.diffusion.objective == "llada"
     n_docs = int(batch.doc_ids.max()) + 1
-    t_doc = sample_t(n_docs, generator, cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
+    t_doc = sample_t(n_docs, generator, LLADA_EPS if llada else cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
     t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
     noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
     h = lm.hidden_at(noisy, attention_mask=batch.attention_mask, position_ids=batch.position_ids, positions=masked,
                      doc_ids=batch.doc_ids if batch.packed else None)  # [N, H]: only masked positions reach the head
-    weights = position_weights(t, masked, cfg.diffusion.time_reweighting, cfg.diffusion.cart_p,
-                               doc_ids=batch.doc_ids if batch.packed else None)
+    if llada:
+        weights = llada_weights(t, masked, batch.maskable, batch.doc_ids)
+    else:
+        weights = position_weights(t, masked, cfg.diffusion.time_reweighting, cfg.diffusion.cart_p,
+                                   doc_ids=batch.doc_ids if batch.packed else None)
     loss, ce = head_loss(lm.model.get_output_embeddings(), h, batch.input_ids[masked], weights,
                          focal=cfg.diffusion.token_reweighting, alpha=cfg.diffusion.alpha, gamma=cfg.diffusion.gamma)
     return loss, ce, int(masked.sum())
