@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamtune.models import DiffusionLM  # noqa: E402
-from dreamtune.sampling import generate  # noqa: E402
+from dreamtune.engine import generate  # noqa: E402
 
 DREAM_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                 intermediate_size=18944, vocab_size=152064, rope_theta=1e6)
@@ -64,7 +64,7 @@ def build_lm(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 
 
 def runs(max_new: int, block: int) -> list[tuple[str, dict]]:
     common = dict(max_new_tokens=max_new, temperature=0.2, top_p=0.95)
-    fast = dict(common, alg="fast", steps=0, block_length=block)
+    fast = dict(common, alg="fast", block_length=block)
     return [
         ("dream entropy, steps=%d" % max_new, dict(common, alg="entropy", steps=max_new)),
         ("dream entropy, steps=%d" % (max_new // 4), dict(common, alg="entropy", steps=max_new // 4)),
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=device).manual_seed(0)
         prompt = torch.randint(0, min(lm.mask_token_id, 151643) - 1, (b, prompt_len), generator=gen, device=device)
         generate(lm, prompt, max_new_tokens=16, steps=2, alg="entropy")  # warm-up: kernels, allocator
-        generate(lm, prompt, max_new_tokens=16, steps=0, alg="fast", block_length=8, tokens_per_step=8)
+        generate(lm, prompt, max_new_tokens=16, alg="fast", block_length=8, tokens_per_step=8)
         dream_tps = None
         seqs = {}
         for name, kw in settings:

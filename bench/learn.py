@@ -12,7 +12,7 @@ What runs, in order (every piece is dreamtune's own, nothing is re-implemented h
      into train / val (parquet, prompt + response columns) and held-out eval problems never trained on;
   2. model: `dreamtune.tiny.tiny_lm` (Qwen2 = Dream's architecture, bidirectional, shifted logits) over
      `dreamtune.tiny.char_tokenizer`, saved with `dreamtune.models.save_hf` as the random "base";
-  3. base evaluation: every sampler of `dreamtune.sampling.generate` at temperature 0 (origin,
+  3. base evaluation: every sampler of `dreamtune.engine.generate` at temperature 0 (origin,
      maskgit_plus, topk_margin, entropy with steps = max_new_tokens, i.e. ~one token per step; and
      alg="fast", the block-wise threshold sampler with the KV cache), graded by `grade_synthetic`;
   4. calibration: a few dozen real trainer steps (alone, and on a GPU also two runs at once) to measure
@@ -140,8 +140,7 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 
 # Prompts are encoded and answers decoded exactly as the quickstart does it.
-from dreamtune.generate_cli import decode_answer  # noqa: E402
-from dreamtune.quickstart import encode_prompts  # noqa: E402
+from dreamtune.engine import decode_answer, encode_prompt, left_pad  # noqa: E402
 
 
 
@@ -161,21 +160,21 @@ def evaluate(lm, rows, task, samplers, *, new_tokens: int, device, batch_size: i
     Fast-sampler settings are named `fast@THRESHOLD` (prefix KV cache) or `fast@THRESHOLD-nocache`."""
     import torch
 
-    from dreamtune.sampling import generate
+    from dreamtune.engine import generate
     from dreamtune.tasks.synthetic import final_answer, grade_synthetic
 
     lm.model.eval()
     batches = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask = encode_prompts(lm.tokenizer, [r["prompt"] for r in chunk])
+        ids, mask = left_pad([encode_prompt(lm.tokenizer, r["prompt"], chat=True) for r in chunk], lm.tokenizer.pad_token_id)
         batches.append((chunk, ids.to(device), mask.to(device)))
     out = {}
     for alg in samplers:
         kw = dict(max_new_tokens=new_tokens, alg=alg, temperature=0.0)
         if alg.startswith("fast"):
             threshold, use_cache = fast_setting(alg)
-            kw.update(alg="fast", steps=0, threshold=threshold, block_length=fast_block, use_cache=use_cache)
+            kw.update(alg="fast", threshold=threshold, block_length=fast_block, use_cache=use_cache)
         else:
             kw.update(steps=new_tokens)
         # warm-up (kernels, allocator) on two rows, so that wall times compare samplers, not first calls
@@ -618,7 +617,7 @@ def run(a) -> int:
     if any(unk in p or unk in r for p, r in enc):
         raise RuntimeError("a character of the task is missing from the tokenizer's alphabet")
     max_length = max_len_rows + 2  # every row ends in eos, then at least two eos pads of canvas to fill
-    eval_prompt_len = max(len(x) for x in encode_prompts(tok, [r["prompt"] for r in eval_rows])[0])
+    eval_prompt_len = max(len(encode_prompt(tok, r["prompt"], chat=True)) for r in eval_rows)
     prompt_len = max(max(len(p) for p, _ in enc + enc_long), eval_prompt_len)
     new_tokens = max_length - prompt_len
     del lm

@@ -4,7 +4,7 @@ The public Python API is deliberately small:
 
     import dreamtune
     lm = dreamtune.load("Dream-org/Dream-v0-Base-7B")   # or a local directory
-    out = dreamtune.generate(lm, input_ids, max_new_tokens=256, steps=256, alg="entropy")
+    out = dreamtune.generate(lm, input_ids, max_new_tokens=256, alg="entropy", steps=256)
 
 Everything else is reached through the `dreamtune <verb>` command line.
 """
@@ -19,11 +19,11 @@ def load(path_or_id, dtype=None, device=None, **kwargs):
     return _load(path_or_id, dtype=dtype, device=device, **kwargs)
 
 
-def generate(lm, input_ids, attention_mask=None, **kwargs):
-    """Diffusion generation (Dream's algorithms and the fast sampler). See dreamtune.sampling.generate."""
-    from dreamtune.sampling import generate as _generate
+def generate(lm, input_ids, attention_mask=None, sampler=None, **kwargs):
+    """Diffusion generation (Dream's algorithms, the fast sampler, LLaDA's). See dreamtune.engine.generate."""
+    from dreamtune.engine import generate as _generate
 
-    return _generate(lm, input_ids, attention_mask, **kwargs)
+    return _generate(lm, input_ids, attention_mask, sampler, **kwargs)
 
 
 __all__ = ["load", "generate", "__version__"]

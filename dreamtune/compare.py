@@ -25,19 +25,8 @@ from pathlib import Path
 from dreamtune.atomic import check_writable, write_json
 from dreamtune.cli import positive_int
 from dreamtune.hub import resolve_dir
-from dreamtune.generate_cli import (
-    add_model_args,
-    add_sampler_args,
-    decoding_settings,
-    describe,
-    encode_prompt,
-    generate_batches,
-    load_model,
-    parser,
-    read_prompt_rows,
-    recorded_settings,
-    render_prompt,
-)
+from dreamtune.engine import describe, encode_prompt, generate_batches, load_for_generation, record, render_prompt
+from dreamtune.generate_cli import add_model_args, add_sampler_args, parser, read_prompt_rows, sampler_from_args
 
 
 def read_prompts_file(path: Path) -> list[dict]:
@@ -64,23 +53,23 @@ def task_prompts(args) -> list[dict]:
                                          shots=shots), "answer": r["answer"], "id": str(r["id"])} for r in rows]
 
 
-def run_model(path, rows, args, decoding, chat: bool, progress: dict, name: str) -> tuple[list[str], float, list[str]]:
+def run_model(path, rows, args, sampler, chat: bool, progress: dict, name: str) -> tuple[list[str], float, list[str]]:
     """Responses of one model to every row, the seconds it took, and the rendered prompts. progress["bar"]
     (one tqdm bar over both models' answers) is made once the first model has loaded, so that a model
     that cannot be loaded is one error line, and advances a batch at a time."""
     import torch
     from tqdm import tqdm
 
-    lm = load_model(path, args.device, args.dtype, args.compile)
+    lm = load_for_generation(path, args.device, args.dtype, args.compile)
     system = None if args.task else (args.system or None)  # free prompts: a system turn only when asked, as generate
-    encoded = [encode_prompt(lm, r["input"], chat, system) for r in rows]
-    rendered = [render_prompt(lm, r["input"], chat, system) for r in rows]
+    encoded = [encode_prompt(lm.tokenizer, r["input"], chat, system) for r in rows]
+    rendered = [render_prompt(lm.tokenizer, r["input"], chat, system) for r in rows]
     if progress.get("bar") is None:  # as eval's bar; the ETA covers the whole comparison
         progress["bar"] = tqdm(total=2 * len(rows), desc="compare", unit="answer", file=sys.stderr, dynamic_ncols=True)
     bar = progress["bar"]
     bar.set_description(f"compare {name}")
     t0 = time.perf_counter()
-    results = generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed,
+    results = generate_batches(lm, encoded, sampler, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                                on_batch=lambda idx, done: bar.update(len(idx)))
     dt = time.perf_counter() - t0
     responses = [r["response"] for r in results]
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             resolve_dir(path, download=False)
         except (FileNotFoundError, NotADirectoryError) as e:
             raise type(e)(f"{flag}: {e}") from None
-    decoding = decoding_settings(args)
+    sampler = sampler_from_args(args)
     data_from = "--data-dir"
     if args.task:
         args.data_dir, data_from = tasks.resolve_data_dir(args.data_dir)
@@ -140,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     progress: dict = {}
     try:
-        base, base_s, rendered = run_model(args.base, rows, args, decoding, chat, progress, "base")
-        tuned, tuned_s, _ = run_model(args.tuned, rows, args, decoding, chat, progress, "tuned")
+        base, base_s, rendered = run_model(args.base, rows, args, sampler, chat, progress, "base")
+        tuned, tuned_s, _ = run_model(args.tuned, rows, args, sampler, chat, progress, "tuned")
     finally:
         if progress.get("bar") is not None:
             progress["bar"].close()
@@ -176,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if graded:
         print(f"accuracy: base {100 * summary['base_accuracy']:.1f}%  tuned {100 * summary['tuned_accuracy']:.1f}%  "
               f"({len(rows)} problems)")
-    print(f"decoding: {describe(decoding)}")
+    print(f"decoding: {describe(sampler, args.max_new_tokens)}")
     result = {
-        "base": args.base, "tuned": args.tuned, "decoding": recorded_settings(decoding), "seed": args.seed,
+        "base": args.base, "tuned": args.tuned, "decoding": record(sampler, args.max_new_tokens), "seed": args.seed,
         "prompt_format": args.prompt_format if args.task else ("chat" if args.chat else "raw"),
         "task": args.task, "rows": out_rows, "summary": summary,
         "time_s": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},

@@ -67,15 +67,6 @@ def context_limit(lm, max_new_tokens: int) -> int:
     return int(getattr(lm.config, "max_position_embeddings", 2048)) - int(max_new_tokens)
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Prompt ids: through the chat template (as dreamtune trains) when asked and available, else raw."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
-
-
 def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 32, max_new_tokens: int = 32,
                    temperature: float = 0.0, threshold: float = 0.9, seed: int = 0, chat: bool = True,
                    lock: threading.Lock | None = None, min_seconds: float = 0.0):
@@ -88,15 +79,14 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
     steps can be watched. A prompt that does not fit the context, or a bad setting, yields one message."""
     import torch
 
-    from dreamtune.generate_cli import decode_answer
-    from dreamtune.sampling import generate
+    from dreamtune.engine import decode_answer, encode_prompt, generate, sampler_for, settings_of
 
     prompt = (prompt or "").strip()
     if not prompt:
         yield "", "Type a prompt first."
         return
     steps, max_new_tokens, seed = int(steps), int(max_new_tokens), int(seed)
-    ids = encode_prompt(lm.tokenizer, prompt, chat)
+    ids = encode_prompt(lm.tokenizer, prompt, chat=bool(chat and getattr(lm.tokenizer, "chat_template", None)))
     limit = context_limit(lm, max_new_tokens)
     if len(ids) > limit:
         yield "", (f"Prompt refused: it is {len(ids)} tokens, and this model's context "
@@ -113,8 +103,9 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
         try:
             with lock if lock is not None else _MODEL_LOCK:
                 t0 = time.time()
-                result["out"] = generate(lm, input_ids, None, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
-                                         temperature=float(temperature), threshold=float(threshold),
+                asked = {"steps": steps, "temperature": float(temperature), "threshold": float(threshold)}
+                sampler = sampler_for(alg, **{k: v for k, v in asked.items() if k in settings_of(alg)})
+                result["out"] = generate(lm, input_ids, None, sampler, max_new_tokens=max_new_tokens,
                                          generator=generator, on_step=lambda x: frames.put(x[0, p:].tolist()))
                 result["time_s"] = time.time() - t0
         except Exception as e:  # handed to the request's own generator below
@@ -184,16 +175,10 @@ def build_app(lm, title: str = "dreamtune demo", min_seconds: float = MIN_SECOND
 
 
 def load_model(model_dir: str):
-    import torch
+    """The model on the GPU if there is one (bf16), else the CPU (fp32)."""
+    from dreamtune.engine import load_for_generation
 
-    from dreamtune.models import load
-
-    device = "cuda" if torch.cuda.is_available() else None
-    dtype = "bf16" if device == "cuda" else "fp32"
-    lm = load(model_dir, dtype=dtype, device=device)
-    if lm.tokenizer is None:
-        raise ValueError(f"{model_dir} has no tokenizer files; the demo needs one to read prompts")
-    return lm
+    return load_for_generation(model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

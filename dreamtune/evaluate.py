@@ -33,18 +33,8 @@ from pathlib import Path
 
 from dreamtune.atomic import check_writable, write_json, write_jsonl
 from dreamtune.cli import positive_int
-from dreamtune.generate_cli import (
-    add_model_args,
-    add_sampler_args,
-    decoding_settings,
-    describe,
-    encode_prompt,
-    generate_batches,
-    load_model,
-    parser,
-    recorded_settings,
-    render_prompt,
-)
+from dreamtune.engine import describe, encode_prompt, generate_batches, load_for_generation, record, render_prompt
+from dreamtune.generate_cli import add_model_args, add_sampler_args, parser, sampler_from_args
 
 DEFAULT_TASKS = "gsm8k,math500,aime24,aime25,amc23"
 VERDICT_KEYS = ("extracted", "correct", "stage", "how", "error")
@@ -201,13 +191,13 @@ def barrier(world: int) -> None:
         dist.destroy_process_group()
 
 
-def run_shard(args, problems, decoding, cid, out, rank) -> None:
+def run_shard(args, problems, sampler, cid, out, rank) -> None:
     """Generate and grade this rank's remaining problems, appending each finished batch to its part file."""
     from tqdm import tqdm
 
     from dreamtune import grading, tasks
 
-    lm = load_model(args.model, args.device, args.dtype, args.compile)
+    lm = load_for_generation(args.model, args.device, args.dtype, args.compile)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(out, rank)
     repair_tail(part)
@@ -215,7 +205,7 @@ def run_shard(args, problems, decoding, cid, out, rank) -> None:
                file=sys.stderr, disable=rank != 0, dynamic_ncols=True)
     for name in dict.fromkeys(p["task"] for p in problems):  # one task at a time: one grading style
         mine = [p for p in problems if p["task"] == name]
-        encoded = [encode_prompt(lm, p["input"]) for p in mine]
+        encoded = [encode_prompt(lm.tokenizer, p["input"]) for p in mine]
 
         def on_batch(idx, results, mine=mine, name=name):
             rows = []
@@ -223,7 +213,7 @@ def run_shard(args, problems, decoding, cid, out, rank) -> None:
                 p = mine[i]
                 response = tasks.truncate_response(r["response"], args.prompt_format)
                 rows.append({"task": name, "id": p["id"], "question": p["question"],
-                             "prompt": render_prompt(lm, p["input"]),
+                             "prompt": render_prompt(lm.tokenizer, p["input"]),
                              "response": response, "answer": p["answer"], "answer_tokens": r["answer_tokens"],
                              "nfe": r["nfe"], "time_s": round(r["time_s"] / len(idx), 4), "config_id": cid})
             verdicts = grading.grade_many(rows, name, workers=args.grade_workers, timeout=args.grade_timeout)
@@ -233,7 +223,7 @@ def run_shard(args, problems, decoding, cid, out, rank) -> None:
             bar.update(len(rows))
             bar.set_postfix_str(f"{name} {sum(r['correct'] for r in rows)}/{len(rows)} correct")
 
-        generate_batches(lm, encoded, decoding, batch_size=args.batch_size, seed=args.seed,
+        generate_batches(lm, encoded, sampler, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                          keys=[f"{p['task']}/{p['id']}" for p in mine], on_batch=on_batch)
     bar.close()
 
@@ -262,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix != ".json":
         raise ValueError(f"--out must name a .json file (the samples go beside it), got {args.out}")
     check_writable(args.out)
-    decoding = decoding_settings(args)
+    sampler = sampler_from_args(args)
     args.data_dir, data_from = tasks.resolve_data_dir(args.data_dir)
     rank, world = rank_world()
     args.world = world
@@ -272,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     model_ref = str(model_path.resolve()) if model_path.is_dir() else str(args.model)
     config = {"model": model_ref, "prompt_format": args.prompt_format,
               "system_prompt": (args.system_prompt or None) if args.prompt_format == "chat" else None,
-              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": recorded_settings(decoding),
+              "shots": args.shots if args.prompt_format == "fewshot" else None, "decoding": record(sampler, args.max_new_tokens),
               "seed": args.seed}
     cid = config_id(config)
 
@@ -293,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(done & set(order))} of {len(order)} problems already graded in {args.out.parent}",
               file=sys.stderr)
     if todo:
-        run_shard(args, todo, decoding, cid, args.out, rank)
+        run_shard(args, todo, sampler, cid, args.out, rank)
     barrier(world)
     if rank != 0:
         return 0
@@ -327,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in names)
     for name, s in summary["tasks"].items():
         print(f"{name:<{width}}  {100 * s['accuracy']:5.1f}%  ({s['correct']}/{s['total']})")
-    print(f"decoding: {describe(decoding)}")
+    print(f"decoding: {describe(sampler, args.max_new_tokens)}")
     print(f"summary: {args.out}\nsamples: {final}")
     return 0
 

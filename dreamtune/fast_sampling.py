@@ -1,7 +1,7 @@
-"""The fast sampler (`generate(..., alg="fast")`): Fast-dLLM's training-free speed-ups on Dream's model.
+"""The fast sampler: Fast-dLLM's training-free speed-ups, for any loaded diffusion LM (Dream, LLaDA, ...).
 
-    out = generate(lm, input_ids, attention_mask, max_new_tokens=256, steps=0, alg="fast",
-                   threshold=0.9, block_length=32)
+    from dreamtune.engine import generate
+    out = generate(lm, input_ids, attention_mask, FastSampler(threshold=0.9, block_length=32), max_new_tokens=256)
 
 - Block-wise, semi-autoregressive: the answer is decoded in blocks of `block_length`, left to right; the
   positions after the current block stay masks (and are attended as masks).
@@ -34,10 +34,39 @@ position); deeper models differ from the uncached run by the approximation above
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dreamtune.kv_forward import forward_columns, supports
-from dreamtune.sampling import GenerateOutput, confidence_prob, init_canvas, sample_from_hidden
+from dreamtune.sampling_core import GenerateOutput, check_token_sampling, confidence_prob, init_canvas, sample_from_hidden
+
+
+@dataclass(frozen=True)
+class FastSampler:
+    """The fast sampler's settings (see the module docstring). stop_at_eos and cuda_graphs change how much is
+    computed, never the answer, so results do not record them."""
+
+    threshold: float = 0.9
+    block_length: int = 32
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    tokens_per_step: int | None = None
+    use_cache: bool = True
+    dual_cache: bool = False
+    stop_at_eos: bool = True
+    cuda_graphs: bool = True
+    NOT_RECORDED = ("stop_at_eos", "cuda_graphs")
+
+    def __post_init__(self):
+        check_token_sampling(self.temperature, self.top_p, self.top_k)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.block_length < 1:
+            raise ValueError(f"block_length must be at least 1, got {self.block_length}")
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be at least 1, got {self.tokens_per_step}")
 
 
 def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
@@ -52,19 +81,18 @@ def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
 
 
 def column_runner(lm, use_cache: bool, cuda_graphs: bool):
-    """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False, graph=True)
+    """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False)
     -> hidden states [B, W, H] (and the columns' K/V): dreamtune.kv_forward, through CUDA graphs on a GPU
-    unless cuda_graphs (or graph) is False; a decoder it does not support runs the whole canvas through
-    transformers."""
+    unless cuda_graphs is False; a decoder it does not support runs the whole canvas through transformers."""
     model = lm.model
     if not supports(model):
         if use_cache:
             raise ValueError(f"the fast sampler's KV cache needs a Llama-style decoder without a sliding "
                              f"window (Qwen2/Dream, Llama, Mistral, Qwen3); {type(model).__name__} is not one: "
                              f"pass use_cache=False")
-        return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: lm.hidden_states(ids, key_mask, pos)
+        return lambda ids, pos, key_mask, cached=None, return_kv=False: lm.hidden_states(ids, key_mask, pos)
     if not cuda_graphs:
-        return lambda ids, pos, key_mask, cached=None, return_kv=False, graph=True: forward_columns(
+        return lambda ids, pos, key_mask, cached=None, return_kv=False: forward_columns(
             model, ids, pos, key_mask, cached, return_kv)
     graphs = lm.graph_cache
     return lambda *args: graphs.run(model, *args)
@@ -91,31 +119,24 @@ def fill_id(lm) -> int:
 
 
 @torch.no_grad()
-def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-                  generator: torch.Generator | None = None, return_history: bool = False, threshold: float = 0.9,
-                  block_length: int = 32, use_cache: bool = True, dual_cache: bool = False,
-                  stop_at_eos: bool = True, tokens_per_step: int | None = None,
-                  cuda_graphs: bool = True, on_step=None) -> GenerateOutput:
-    """See the module docstring. Arguments are checked by dreamtune.sampling.generate, the public entry."""
-    if tokens_per_step is not None and tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be at least 1, got {tokens_per_step}")
+def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sampler: FastSampler, *,
+                  max_new_tokens: int, generator: torch.Generator | None = None, return_history: bool = False,
+                  on_step=None) -> GenerateOutput:
+    """See the module docstring. input_ids [B, P], attention_mask [B, P] (left padding)."""
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
-    run = column_runner(lm, use_cache, cuda_graphs)
+    run = column_runner(lm, sampler.use_cache, sampler.cuda_graphs)
     with lm.graph_cache.lock:  # graphs own their buffers: one generation at a time uses them
-        return _generate(lm, x, keys, pos, run, input_ids.shape[1], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                         return_history=return_history, threshold=threshold, block_length=block_length,
-                         use_cache=use_cache, dual_cache=dual_cache, stop_at_eos=stop_at_eos,
-                         tokens_per_step=tokens_per_step, on_step=on_step)
+        return _generate(lm, x, keys, pos, run, input_ids.shape[1], sampler, generator=generator,
+                         return_history=return_history, on_step=on_step)
 
 
-def _generate(lm, x, keys, pos, run, p: int, *, max_new_tokens, temperature, top_p, top_k, generator,
-              return_history, threshold, block_length, use_cache, dual_cache, stop_at_eos, tokens_per_step, on_step):
+def _generate(lm, x, keys, pos, run, p: int, sampler: FastSampler, *, generator, return_history, on_step):
     total = x.shape[1]
     head = lm.model.get_output_embeddings()
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-    stops = torch.tensor(lm.stop_ids, device=x.device) if stop_at_eos and lm.stop_ids else None  # [S]
+    sampling = dict(temperature=float(sampler.temperature), top_p=sampler.top_p, top_k=sampler.top_k, generator=generator)
+    block_length, use_cache, dual_cache = sampler.block_length, sampler.use_cache, sampler.dual_cache
+    threshold, tokens_per_step = sampler.threshold, sampler.tokens_per_step
+    stops = torch.tensor(lm.stop_ids, device=x.device) if sampler.stop_at_eos and lm.stop_ids else None  # [S]
     fill = fill_id(lm) if stops is not None else None
     history = [] if return_history else None
     shift = 1 if lm.shift else 0  # block column c is scored from the output at column c - shift

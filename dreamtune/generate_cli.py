@@ -1,5 +1,6 @@
-"""`dreamtune generate`: text from a prompt, or from a JSONL file of prompts; and the pieces that
-`dreamtune eval` and `dreamtune compare` share (sampler options, model loading, batched generation).
+"""`dreamtune generate`: text from a prompt, or from a JSONL file of prompts; and the command-line options
+that `dreamtune eval` and `dreamtune compare` share (the sampler's and the model's). The generation itself
+is dreamtune.engine's.
 
     dreamtune generate --model DIR "What is 7*8?" --chat --max-new-tokens 128 --alg entropy --seed 0
     dreamtune generate --model DIR "..." --alg fast --threshold 0.9 --block-length 32 --json
@@ -15,17 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import zlib
 from pathlib import Path
-
-import torch
 
 from dreamtune.atomic import check_writable, write_jsonl
 from dreamtune.cli import parser, positive_int  # noqa: F401  (parser: verbs import it from here too)
-from dreamtune.sampling import ALGS, LLADA_ALGS, generate
+from dreamtune.engine import (
+    ALGS,
+    DreamSampler,
+    FastSampler,
+    LLaDASampler,
+    describe,
+    encode_prompt,
+    generate_batches,
+    load_for_generation,
+    record,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 # Dream's diffusion_generate, called without top_k, takes the model config's legacy generation default 50:
@@ -50,7 +57,7 @@ def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="answer canvas length (default %(default)s)")
     g.add_argument("--steps", type=int, default=None, help="diffusion steps of Dream's and LLaDA's samplers (default: = max-new-tokens; "
                                                            "LLaDA's splits them evenly over the blocks)")
-    g.add_argument("--alg", default="entropy", choices=ALGS, help="Dream's algorithms, fast (Fast-dLLM style), or LLaDA's "
+    g.add_argument("--alg", default="entropy", choices=list(ALGS), help="Dream's algorithms, fast (Fast-dLLM style), or LLaDA's "
                                                                  "low_confidence / random; default %(default)s")
     g.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default %(default)s, Dream's README)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus filter, 1 = off (default %(default)s)")
@@ -69,171 +76,27 @@ def add_sampler_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default %(default)s)")
 
 
-def decoding_settings(args) -> dict:
-    """Every decoding setting, as recorded in eval_results.json / compare JSON, and passed to generate()."""
+def sampler_from_args(args):
+    """The sampler the command line asks for (--alg picks it; each takes only its own settings)."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or a positive number of tokens, got {args.top_k}")
-    steps = args.max_new_tokens if args.steps is None else args.steps
-    if args.alg in LLADA_ALGS:  # LLaDA's sampler: no top-p/top-k filter, and guidance (recorded only here)
-        return {"sampler": "llada", "alg": args.alg, "steps": steps, "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature, "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": args.eps,
-                "threshold": args.threshold, "block_length": args.block_length, "tokens_per_step": None,
-                "use_cache": not args.no_cache, "dual_cache": args.dual_cache, "cfg_scale": args.cfg_scale}
-    if args.cfg_scale:
+    name = ALGS[args.alg]
+    if args.cfg_scale and name != "llada":
         raise ValueError(f"--cfg-scale is a setting of LLaDA's sampler; use --alg low_confidence or random, not {args.alg}")
-    return {
-        "sampler": "fast" if args.alg == "fast" else "dream",
-        "alg": args.alg,
-        "steps": None if args.alg == "fast" else steps,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k or None,
-        "alg_temp": args.alg_temp,
-        "eps": args.eps,
-        "threshold": args.threshold,
-        "block_length": args.block_length,
-        "tokens_per_step": args.tokens_per_step,
-        "use_cache": not args.no_cache,
-        "dual_cache": args.dual_cache,
-    }
+    steps = args.max_new_tokens if args.steps is None else args.steps
+    if name == "llada":  # no top-p/top-k filter in LLaDA's sampler
+        return LLaDASampler(alg=args.alg, steps=steps, block_length=args.block_length, temperature=args.temperature,
+                            cfg_scale=args.cfg_scale)
+    token = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    if name == "fast":
+        return FastSampler(threshold=args.threshold, block_length=args.block_length, tokens_per_step=args.tokens_per_step,
+                           use_cache=not args.no_cache, dual_cache=args.dual_cache, **token)
+    return DreamSampler(alg=args.alg, steps=steps, alg_temp=args.alg_temp, eps=args.eps, **token)
 
 
-def describe(decoding: dict) -> str:
-    """The settings that decide what is sampled, in one phrase (printed with every result)."""
-    steps = "" if decoding["steps"] is None else f", {decoding['steps']} steps"
-    if decoding.get("sampler") == "llada":
-        return (f"alg {decoding['alg']}{steps}, block_length {decoding['block_length']}, temperature {decoding['temperature']}, "
-                f"cfg_scale {decoding['cfg_scale']}")
-    return (f"alg {decoding['alg']}{steps}, temperature {decoding['temperature']}, "
-            f"top_k {decoding['top_k'] or 'off'}, top_p {decoding['top_p'] if decoding['top_p'] not in (None, 1) else 'off'}")
-
-
-# The settings one sampler reads and the other does not. Result files leave out those of the sampler not
-# used (a threshold recorded beside Dream's sampler would claim an effect it did not have); everything
-# else decoding_settings() returns, including keys added later, is recorded.
-NOT_READ_BY = {
-    "dream": ("threshold", "block_length", "tokens_per_step", "use_cache", "dual_cache"),
-    "fast": ("steps", "eps", "alg_temp"),
-    "llada": ("top_p", "top_k", "alg_temp", "eps", "threshold", "tokens_per_step", "use_cache", "dual_cache"),
-}
-
-
-def recorded_settings(decoding: dict) -> dict:
-    """decoding_settings() as eval, compare and generate --json record it: only what the sampler reads."""
-    skip = NOT_READ_BY.get(decoding.get("sampler"), ())
-    return {k: v for k, v in decoding.items() if k not in skip}
-
-
-def sampler_kwargs(decoding: dict) -> dict:
-    """decoding_settings() -> keyword arguments of dreamtune.sampling.generate."""
-    kw = {k: v for k, v in decoding.items() if k != "sampler"}
-    kw["steps"] = kw["steps"] or 0
-    return kw
-
-
-# ------------------------------------------------------------------------------------- model and prompts
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False):
-    """A DiffusionLM ready to generate: on the device, in eval mode, with a tokenizer."""
-    from dreamtune.models import load
-
-    dev = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    lm = load(path, dtype=dtype, device=dev)
-    if lm.tokenizer is None:
-        raise ValueError(f"'{path}' has no tokenizer files; generation needs them (copy the base model's tokenizer beside the weights)")
-    if compile:
-        from dreamtune.distributed import apply_compile
-
-        apply_compile(lm.model)
-    return lm
-
-
-def render_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> str:
-    """The text the model sees for one prompt: a list of messages goes through the chat template (generation
-    prompt added); a string too with chat=True (one user turn, after an optional system turn), else as is."""
-    tok = lm.tokenizer
-    if isinstance(prompt, str) and chat:
-        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if isinstance(prompt, str):
-        return prompt
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        raise ValueError("a prompt must be a string or a list of {\"role\", \"content\"} messages")
-    if system and not any(m["role"] == "system" for m in prompt):
-        prompt = [{"role": "system", "content": system}] + prompt
-    if not getattr(tok, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template, so chat messages cannot be rendered; pass plain text prompts without --chat")
-    return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-
-
-def encode_prompt(lm, prompt, chat: bool = False, system: str | None = None) -> list[int]:
-    """Token ids of render_prompt(...). Chat-rendered text already holds its special tokens."""
-    text = render_prompt(lm, prompt, chat, system)
-    templated = isinstance(prompt, list) or chat
-    ids = lm.tokenizer.encode(text, add_special_tokens=not templated)
-    if not ids:
-        raise ValueError("empty prompt: give at least one token of text")
-    return ids
-
-
-def decode_answer(lm, tokens: list[int], skip_special_tokens: bool = False) -> tuple[str, int]:
-    """(text up to the first of the model's stop tokens (DiffusionLM.stop_ids), its token count)."""
-    stops = set(lm.stop_ids)
-    n = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-    return lm.tokenizer.decode(tokens[:n], skip_special_tokens=skip_special_tokens), n
-
-
-def batch_seed(seed: int, keys: list[str]) -> int:
-    """A batch's generator seed from the run's seed and the batch's row keys: the same rows in the same
-    batch draw the same numbers in any run (and on resume), whatever ran before them."""
-    return (seed * 1_000_003 + zlib.crc32("\x1f".join(keys).encode())) % (2**63)
-
-
-def generate_batches(lm, prompts: list[list[int]], decoding: dict, *, batch_size: int, seed: int,
-                     keys: list[str] | None = None, on_batch=None) -> list[dict]:
-    """Generate for many prompts, batch_size at a time, left-padded. Prompts are grouped by length (less
-    padding); results come back in input order as {"tokens", "response", "answer_tokens", "nfe", "time_s"}
-    (nfe and time_s are the batch's). on_batch(indices, results) is called after each batch."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    kw = sampler_kwargs(decoding)
-    results: list[dict | None] = [None] * len(prompts)
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=lm.device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=lm.device)
-        gen = torch.Generator(device=lm.device).manual_seed(batch_seed(seed, [keys[i] for i in idx]))
-        t0 = time.perf_counter()
-        out = generate(lm, ids, mask, generator=gen, **kw)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        dt = time.perf_counter() - t0
-        new = out.sequences[:, width:].tolist()
-        done = []
-        for row, i in enumerate(idx):
-            text, n = decode_answer(lm, new[row])
-            results[i] = {"tokens": new[row], "response": text, "answer_tokens": n, "nfe": out.nfe, "time_s": dt}
-            done.append(results[i])
-        if on_batch is not None:
-            on_batch(idx, done)
-    return results  # type: ignore[return-value]
+# ------------------------------------------------------------------------------------- prompts files
 
 
 def read_prompt_rows(path: Path) -> list[dict]:
@@ -278,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--input needs --output out.jsonl")
     if args.output is not None:
         check_writable(args.output)
-    decoding = decoding_settings(args)
+    sampler, n_new = sampler_from_args(args), args.max_new_tokens
     rows = read_prompt_rows(args.input) if args.input else [{"prompt": args.prompt}]
-    lm = load_model(args.model, args.device, args.dtype, args.compile)
-    prompts = [encode_prompt(lm, r.get("prompt", r.get("messages")), args.chat, args.system) for r in rows]
+    lm = load_for_generation(args.model, args.device, args.dtype, args.compile)
+    prompts = [encode_prompt(lm.tokenizer, r.get("prompt", r.get("messages")), args.chat, args.system) for r in rows]
 
     progress = None
     if args.input is not None:
@@ -289,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
         progress = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr)
     t0 = time.perf_counter()
-    results = generate_batches(lm, prompts, decoding, batch_size=args.batch_size, seed=args.seed,
+    results = generate_batches(lm, prompts, sampler, max_new_tokens=n_new, batch_size=args.batch_size, seed=args.seed,
                                on_batch=(lambda idx, done: progress.update(len(idx))) if progress else None)
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
-    canvas = len(prompts) * decoding["max_new_tokens"]
-    timing = (f"[{len(prompts)} x {decoding['max_new_tokens']} tokens in {elapsed:.2f} s: {canvas / elapsed:.1f} tokens/s; "
-              f"answers {sum(r['answer_tokens'] for r in results)} tokens; {describe(decoding)}]")
+    canvas = len(prompts) * n_new
+    timing = (f"[{len(prompts)} x {n_new} tokens in {elapsed:.2f} s: {canvas / elapsed:.1f} tokens/s; "
+              f"answers {sum(r['answer_tokens'] for r in results)} tokens; {describe(sampler, n_new)}]")
 
     if args.input is not None:
         out_rows = [{**row, "response": r["response"], "answer_tokens": r["answer_tokens"], "nfe": r["nfe"]}
@@ -309,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, "response": r["response"],
                           "answer_tokens": r["answer_tokens"], "nfe": r["nfe"], "time_s": round(elapsed, 4),
-                          "tokens_per_s": round(canvas / elapsed, 2), "decoding": recorded_settings(decoding),
+                          "tokens_per_s": round(canvas / elapsed, 2), "decoding": record(sampler, n_new),
                           "seed": args.seed},
                          ensure_ascii=False))
     else:

@@ -140,11 +140,11 @@ class GraphCache:
         # it reads one graph's outputs while replaying another)
         self.lock = threading.RLock()
 
-    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False, graph: bool = True):
-        """forward_columns(...); graph=False runs it eagerly (a shape the caller knows will not recur)."""
+    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False):
+        """forward_columns(...), through a CUDA graph once the shape has recurred."""
         # rows x (window + cached) columns: a graph holds a copy of the cached K/V as well
         tokens = ids.shape[0] * (ids.shape[1] + (0 if cached is None else cached[0][0].shape[2]))
-        if not graph or ids.device.type != "cuda" or self.disabled or tokens > self.max_tokens:
+        if ids.device.type != "cuda" or self.disabled or tokens > self.max_tokens:
             return forward_columns(model, ids, pos, key_mask, cached, return_kv)
         with self.lock, torch.cuda.device(ids.device):
             return self._run(model, ids, pos, key_mask, cached, return_kv)

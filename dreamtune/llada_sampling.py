@@ -1,8 +1,8 @@
-"""LLaDA's sampler (`generate(..., alg="low_confidence" | "random")`), for any loaded diffusion LM.
+"""LLaDA's sampler (`alg="low_confidence" | "random"`), for any loaded diffusion LM.
 
-    from dreamtune.sampling import generate
-    out = generate(lm, input_ids, attention_mask, max_new_tokens=256, steps=128, alg="low_confidence",
-                   block_length=32, temperature=0.0, cfg_scale=0.0, generator=torch.Generator().manual_seed(0))
+    from dreamtune.engine import generate
+    out = generate(lm, input_ids, attention_mask, LLaDASampler(steps=128, block_length=32), max_new_tokens=256,
+                   generator=torch.Generator().manual_seed(0))
 
 The semantics of `generate` in LLaDA's `generate.py`:
 - canvas = prompt + max_new_tokens masks, decoded in max_new_tokens / block_length blocks left to right
@@ -35,11 +35,39 @@ A model that shifts (Dream) is scored as it was trained: position i from output 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from dreamtune.sampling import LLADA_ALGS, GenerateOutput, answer_hidden, init_canvas
+from dreamtune.sampling_core import GenerateOutput, answer_hidden, init_canvas
 from dreamtune.tokenizer import ids_of
+
+LLADA_ALGS = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class LLaDASampler:
+    """LLaDA's `generate` settings. steps None: one step per new token."""
+
+    alg: str = "low_confidence"
+    steps: int | None = None
+    block_length: int = 32
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+
+    def __post_init__(self):
+        if self.alg not in LLADA_ALGS:
+            raise ValueError(f"unknown alg '{self.alg}' for LLaDA's sampler; use one of {', '.join(LLADA_ALGS)}")
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.block_length < 1:
+            raise ValueError(f"block_length must be at least 1, got {self.block_length}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
 
 
 def transfer_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -91,12 +119,8 @@ def reveal(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k[:, None]
 
 
-def check_args(max_new_tokens: int, steps: int, block_length: int, alg: str, cfg_scale: float) -> tuple[int, int]:
+def check_args(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
     """(block_length, steps per block), or ValueError with the fix."""
-    if alg not in LLADA_ALGS:
-        raise ValueError(f"unknown alg '{alg}' for LLaDA's sampler; use one of {', '.join(LLADA_ALGS)}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {cfg_scale}")
     block_length = min(int(block_length), int(max_new_tokens))
     if max_new_tokens % block_length:
         raise ValueError(f"max_new_tokens {max_new_tokens} is not a multiple of block_length {block_length}; LLaDA's sampler "
@@ -109,17 +133,16 @@ def check_args(max_new_tokens: int, steps: int, block_length: int, alg: str, cfg
 
 
 @torch.no_grad()
-def generate_llada(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-                   steps: int, block_length: int = 32, alg: str = "low_confidence", temperature: float = 0.0,
-                   cfg_scale: float = 0.0, logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
-                   generator: torch.Generator | None = None, return_history: bool = False,
+def generate_llada(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sampler: LLaDASampler, *,
+                   max_new_tokens: int, generator: torch.Generator | None = None, return_history: bool = False,
                    on_step: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
     """LLaDA's sampler (see the module docstring). input_ids [B, P], attention_mask [B, P] (left padding)."""
-    block_length, per_block = check_args(max_new_tokens, steps, block_length, alg, cfg_scale)
+    alg, temperature, cfg_scale = sampler.alg, float(sampler.temperature), sampler.cfg_scale
+    block_length, per_block = check_args(max_new_tokens, sampler.steps or max_new_tokens, sampler.block_length)
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)  # [B, L]
     p, mask = input_ids.shape[1], lm.mask_token_id
-    banned = torch.tensor(eos_ids(lm) if logits_eos_inf else [], dtype=torch.long, device=x.device)
-    last = torch.tensor(lm.stop_ids if confidence_eos_eot_inf else [], dtype=torch.long, device=x.device)
+    banned = torch.tensor(eos_ids(lm) if sampler.logits_eos_inf else [], dtype=torch.long, device=x.device)
+    last = torch.tensor(lm.stop_ids if sampler.confidence_eos_eot_inf else [], dtype=torch.long, device=x.device)
     history = [] if return_history else None
     nfe = 0
     for b in range(max_new_tokens // block_length):

@@ -11,7 +11,7 @@ What it does, with the real pieces of dreamtune at every stage:
      tokenizer (`dreamtune.data_validate.validate`: validation.json + validation.png);
   3. trains with the real trainer (`dreamtune.train.train`);
   4. evaluates the base and the tuned model on held-out problems (never in the training data) with the
-     real sampler (`dreamtune.sampling.generate`) and grader (`grade_synthetic`), writes eval results and
+     real sampler (`dreamtune.engine.generate`) and grader (`grade_synthetic`), writes eval results and
      a base-vs-tuned comparison in the formats of docs/artifacts.md;
   5. writes the report (`dreamtune report`: report.md, report.html, PNG figures).
 
@@ -89,21 +89,7 @@ def unique_rows(task: str, n: int, seed: int, opts: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def encode_prompts(tokenizer, prompts: list[str]):
-    """Left-padded prompt ids [B, P] and attention mask [B, P], rendered as training renders them."""
-    import torch
-
-    from dreamtune.data import encode_example
-
-    ids = [encode_example(tokenizer, p, "")[0] for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
-    return input_ids, mask
-
-
-def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: dict, seed: int,
+def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], sampler, max_new_tokens: int, seed: int,
                        out_path: Path, batch_size: int = 50) -> dict:
     """Generate for every row with the real sampler, grade with the real grader, write OUT (eval results)
     and OUT.samples.jsonl in the format of docs/artifacts.md (fields about benchmark files, such as
@@ -111,9 +97,8 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
     results dict."""
     import torch
 
-    from dreamtune.generate_cli import decode_answer
+    from dreamtune.engine import decode_answer, encode_prompt, generate, left_pad, record
     from dreamtune.models import load
-    from dreamtune.sampling import generate
     from dreamtune.tasks.synthetic import final_answer, grade_synthetic
 
     t0 = time.time()
@@ -122,9 +107,10 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
     samples, gen_time = [], 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        input_ids, mask = encode_prompts(lm.tokenizer, [r["prompt"] for r in chunk])
+        input_ids, mask = left_pad([encode_prompt(lm.tokenizer, r["prompt"], chat=True) for r in chunk],
+                                   lm.tokenizer.pad_token_id)
         tb = time.time()
-        out = generate(lm, input_ids, mask, generator=g, **decoding)
+        out = generate(lm, input_ids, mask, sampler, max_new_tokens=max_new_tokens, generator=g)
         dt = time.time() - tb
         gen_time += dt
         seqs = out.sequences  # [B, P + max_new_tokens]
@@ -149,7 +135,7 @@ def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], decoding: d
                          "by_stage": {"exact": n_ok, "numeric": 0, "math_verify": 0, "none": len(samples) - n_ok},
                          "no_answer": sum(s["extracted"] is None for s in samples), "errors": 0,
                          "mean_answer_tokens": sum(s["answer_tokens"] for s in samples) / n}},
-        "decoding": {"sampler": "dream", "top_p": None, "top_k": None, "alg_temp": 0.0, "eps": 1e-3, **decoding},
+        "decoding": record(sampler, max_new_tokens),
         "prompt_format": "chat", "system_prompt": None, "shots": None, "seed": seed, "limit": None,
         "data_dir": None, "batch_size": batch_size, "world_size": 1, "config_id": None,
         "time_s": round(time.time() - t0, 2), "generation_time_s": round(gen_time, 2),
@@ -189,9 +175,11 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     import torch
 
     from dreamtune.config import load_config
+    from dreamtune.engine import DreamSampler, record
     from dreamtune.data_prepare import prepare
     from dreamtune.data_validate import print_summary, validate
-    from dreamtune.models import load_tokenizer, save_hf
+    from dreamtune.models import save_hf
+    from dreamtune.tokenizer import load_tokenizer
     from dreamtune.tasks.synthetic import alphabet
     from dreamtune.tiny import tiny_lm
     from dreamtune.train import train
@@ -275,10 +263,10 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     t0 = time.time()
     prompt_len = max(len(encode_example(tok, r["prompt"], "")[0]) for r in rows)
     new_tokens = max_length - prompt_len
-    decoding = {"alg": "maskgit_plus", "steps": new_tokens, "max_new_tokens": new_tokens, "temperature": 0.0}
+    sampler = DreamSampler(alg="maskgit_plus", steps=new_tokens, temperature=0.0)
     eval_dir = root / "eval"
-    evaluate_synthetic(base_dir, task, eval_rows, decoding, seed, eval_dir / "base.json")
-    evaluate_synthetic(run_dir / "checkpoint-final", task, eval_rows, decoding, seed, eval_dir / "tuned.json")
+    evaluate_synthetic(base_dir, task, eval_rows, sampler, new_tokens, seed, eval_dir / "base.json")
+    evaluate_synthetic(run_dir / "checkpoint-final", task, eval_rows, sampler, new_tokens, seed, eval_dir / "tuned.json")
     cmp = compare_results(eval_dir / "base.json", eval_dir / "tuned.json", root / "compare.json")
     acc_base, acc_tuned = cmp["summary"]["base_accuracy"], cmp["summary"]["tuned_accuracy"]
     say(f"[4/5] eval on {len(eval_rows)} held-out problems: base {100 * acc_base:.0f}%, tuned {100 * acc_tuned:.0f}%")
@@ -305,7 +293,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
                   "eval_base": str(eval_dir / "base.json"), "eval_tuned": str(eval_dir / "tuned.json"),
                   "compare": str(root / "compare.json"), "report_md": str(report_dir / "report.md"),
                   "report_html": str(report_dir / "report.html")},
-        "decoding": decoding,
+        "decoding": record(sampler, new_tokens),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
         "created": _now(),

@@ -240,17 +240,15 @@ def _always_predicts(lm, token: int):
 @pytest.mark.parametrize("eos", LLAMA3_EOS)
 @pytest.mark.parametrize("alg", ["fast", "maskgit_plus"])
 def test_llama3_decoding_stops_at_each_eos_id(llama3_dir, eos, alg):
-    from dreamtune.generate_cli import generate_batches
+    from dreamtune.engine import FastSampler, DreamSampler, generate_batches
 
     lm = models.load(llama3_dir)
     assert lm.tokenizer.eos_token_id == LLAMA3_EOS[2] and set(LLAMA3_EOS) <= set(lm.stop_ids)
     assert lm.model.config.rope_parameters["rope_type"] == "llama3"
     _always_predicts(lm, eos)
     prompt = lm.tokenizer.encode("what is 2+2?")
-    decoding = {"alg": alg, "max_new_tokens": 24, "steps": 24, "temperature": 0.0, "top_p": None, "top_k": None,
-                "alg_temp": 0.0, "eps": 1e-3, "threshold": 0.9, "block_length": 8, "tokens_per_step": None,
-                "use_cache": True, "dual_cache": False, "sampler": "fast" if alg == "fast" else "dream"}
-    (r,) = generate_batches(lm, [prompt], decoding, batch_size=1, seed=0)
+    sampler = FastSampler(block_length=8) if alg == "fast" else DreamSampler(alg=alg, steps=24)
+    (r,) = generate_batches(lm, [prompt], sampler, max_new_tokens=24, batch_size=1, seed=0)
     assert r["answer_tokens"] == 0 and r["response"] == "" and r["tokens"][0] == eos
     if alg == "fast":  # the first block ends the answer: one step (all revealed at once), the rest filled
         assert r["nfe"] == 1

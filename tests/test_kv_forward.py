@@ -8,7 +8,8 @@ import torch
 
 from dreamtune.kv_forward import GraphCache, forward_columns, supports
 from dreamtune.models import new_model, tiny_config
-from dreamtune.sampling import generate, init_canvas
+from dreamtune.engine import generate
+from dreamtune.sampling_core import init_canvas
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,4 +104,4 @@ def test_unsupported_decoder_needs_use_cache_false():
     assert not supports(model)
     ids = torch.randint(1, 40, (1, 5))
     with pytest.raises(ValueError, match="use_cache=False"):
-        generate(lm, ids, max_new_tokens=4, steps=0, alg="fast", block_length=4)
+        generate(lm, ids, max_new_tokens=4, alg="fast", block_length=4)

@@ -257,7 +257,7 @@ def reference_generate(lm, prompt, steps, gen_length, block_length, cfg_scale=0.
 
 @pytest.mark.parametrize("steps,block_length,cfg_scale", [(12, 12, 0.0), (9, 4, 0.0), (6, 4, 1.5)])
 def test_llada_sampler_at_temperature_0_equals_llada_reference(llada, steps, block_length, cfg_scale):
-    from dreamtune.sampling import generate
+    from dreamtune.engine import generate
 
     prompt = _prompt(llada)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_llada_sampler_at_temperature_0_equals_llada_reference(llada, steps, blo
 
 @pytest.mark.parametrize("alg", ["low_confidence", "random"])
 def test_llada_sampler_reveal_counts_and_block_order(llada, alg):
-    from dreamtune.sampling import generate
+    from dreamtune.engine import generate
 
     prompt = _prompt(llada)
     p = prompt.shape[1]
@@ -319,7 +319,7 @@ class EosEverySecond(torch.nn.Module):
 
 
 def test_llada_sampler_eos_options(llada):
-    from dreamtune.sampling import generate
+    from dreamtune.engine import generate
 
     prompt = _prompt(llada)
     p = prompt.shape[1]
@@ -339,16 +339,16 @@ def test_llada_sampler_eos_options(llada):
 
 
 def test_llada_sampler_refuses_bad_settings(llada):
-    from dreamtune.sampling import generate
+    from dreamtune.engine import generate
 
     prompt = _prompt(llada)
     with pytest.raises(ValueError, match="not a multiple of block_length"):
         generate(llada, prompt, max_new_tokens=10, steps=10, alg="low_confidence", block_length=4)
     with pytest.raises(ValueError, match="cannot be split over 3 blocks"):
         generate(llada, prompt, max_new_tokens=12, steps=10, alg="low_confidence", block_length=4)
-    with pytest.raises(ValueError, match="no top-p/top-k"):
+    with pytest.raises(ValueError, match="top_k is not a setting of the llada sampler"):
         generate(llada, prompt, max_new_tokens=4, steps=4, alg="random", top_k=50)
-    with pytest.raises(ValueError, match="cfg_scale is a setting of LLaDA's sampler"):
+    with pytest.raises(ValueError, match="cfg_scale is not a setting of the dream sampler"):
         generate(llada, prompt, max_new_tokens=4, steps=4, alg="entropy", cfg_scale=1.0)
 
 

@@ -10,7 +10,8 @@ import torch
 
 from dreamtune.fast_sampling import block_columns
 from dreamtune.kv_forward import forward_columns
-from dreamtune.sampling import GenerateOutput, generate, init_canvas
+from dreamtune.engine import generate
+from dreamtune.sampling_core import GenerateOutput, init_canvas
 from dreamtune.tiny import tiny_lm
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -46,7 +47,8 @@ PROMPTS = ["What is 2+3?", "Hi", "A much longer prompt, to pad the others a lot:
 
 def gen(lm, ids, mask=None, seed=0, **kw):
     kw.setdefault("max_new_tokens", 24)
-    kw.setdefault("steps", 8)
+    if kw.get("alg", "origin") != "fast":  # the fast sampler has no steps: it reveals by confidence
+        kw.setdefault("steps", 8)
     return generate(lm, ids, mask, generator=torch.Generator().manual_seed(seed), **kw)
 
 
@@ -207,7 +209,7 @@ def near_tie(lm, ids, mask, canvas, max_new_tokens, block_length, tol=1e-5) -> b
     """Whether the next reveal of the threshold sampler (threshold 0.9, greedy) on `canvas` is a near tie in
     the uncached model: two masked positions of the current block, or the two best tokens of the most
     confident position, within `tol` of each other. Rounding may decide such a reveal either way."""
-    from dreamtune.sampling import token_probs
+    from dreamtune.sampling_core import token_probs
 
     x0, keys, pos = init_canvas(lm, ids, mask, max_new_tokens)
     p = ids.shape[1]
