@@ -11,7 +11,7 @@ What runs, in order (every piece is dreamtune's own, nothing is re-implemented h
   1. data: `dreamtune.tasks.synthetic.make_rows` rows with worked steps, de-duplicated by prompt and split
      into train / val (parquet, prompt + response columns) and held-out eval problems never trained on;
   2. model: `dreamtune.tiny.tiny_lm` (Qwen2 = Dream's architecture, bidirectional, shifted logits) over
-     `dreamtune.tiny.char_tokenizer`, saved with `dreamtune.models.save_hf` as the random "base";
+     `dreamtune.tiny.char_tokenizer`, saved with `dreamtune.export.save_hf` as the random "base";
   3. base evaluation: every sampler of `dreamtune.engine.generate` at temperature 0 (origin,
      maskgit_plus, topk_margin, entropy with steps = max_new_tokens, i.e. ~one token per step; and
      alg="fast", the block-wise threshold sampler with the KV cache), graded by `grade_synthetic`;
@@ -555,7 +555,7 @@ def run(a) -> int:
     import torch
 
     from dreamtune.data import encode_examples
-    from dreamtune.models import save_hf
+    from dreamtune.export import save_hf
     from dreamtune.tasks.synthetic import alphabet
     from dreamtune.tiny import tiny_lm
 

@@ -12,7 +12,7 @@ then `RUN/latest` is replaced atomically. A crash during a save leaves the previ
 The final export (`RUN/checkpoint-final/`) is a bf16 Hugging Face directory (about 15 GB for 7B, not the
 90 GB of fp32 weights plus optimizer state the upstream trainer writes); LoRA adapters are merged in.
 
-    dreamtune export RUN/checkpoint-final --out DIR [--format hf|dream|llada] [--dtype bf16|fp32]
+`dreamtune export` (dreamtune/export_cli.py) re-exports such a directory in another format.
 """
 
 from __future__ import annotations
@@ -143,30 +143,3 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     if not dist.is_initialized():
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=_dcp_options(full=True))
-
-
-def export_main(argv: list[str]) -> int:
-    """`dreamtune export SRC --out DIR [--format hf|dream|llada] [--dtype bf16|fp32] [--overwrite]`: re-export a model
-    directory. An existing non-empty --out is replaced only with --overwrite."""
-    from dreamtune.llada import save_llada
-    from dreamtune.models import load, save_dream, save_hf
-
-    from dreamtune.cli import parser
-
-    ap = parser("dreamtune export", export_main.__doc__)
-    ap.add_argument("src", help="a model directory (e.g. RUN/checkpoint-final) or hub id")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--format", choices=["hf", "dream", "llada"], default="hf")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is whole)")
-    a = ap.parse_args(argv)
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a directory path")
-    if out.exists() and any(out.iterdir()) and not a.overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; add --overwrite to replace it, or choose another path")
-    lm = load(a.src, dtype="fp32")
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    out = {"hf": save_hf, "dream": save_dream, "llada": save_llada}[a.format](lm, a.out, dtype=dtype)
-    print(f"wrote {a.format} directory {out}")
-    return 0

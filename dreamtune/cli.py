@@ -17,13 +17,13 @@ import sys
 # verb -> (module, function, one-line help)
 VERBS = {
     "doctor": ("dreamtune.doctor", "main", "check the environment (python, torch, CUDA, GPUs, disk, extras)"),
-    "data": ("dreamtune.data", "main", "download | prepare | validate a dataset"),
+    "data": ("dreamtune.data_cli", "main", "download | prepare | validate a dataset"),
     "train": ("dreamtune.train", "main", "masked-diffusion SFT (also: python -m / torchrun -m dreamtune.train)"),
     "generate": ("dreamtune.generate_cli", "main", "generate text from a prompt or a JSONL file of prompts"),
     "eval": ("dreamtune.evaluate", "main", "evaluate a model on math benchmarks -> results/eval_results.json"),
-    "grade": ("dreamtune.grading", "main", "grade generations made elsewhere (JSONL with response, answer)"),
+    "grade": ("dreamtune.grade_cli", "main", "grade generations made elsewhere (JSONL with response, answer)"),
     "compare": ("dreamtune.compare", "main", "base vs tuned, side by side, same decoding settings"),
-    "export": ("dreamtune.checkpoint", "export_main", "export a checkpoint as an HF or Dream-format directory"),
+    "export": ("dreamtune.export_cli", "main", "export a checkpoint as an HF or Dream-format directory"),
     "quickstart": ("dreamtune.quickstart", "main", "the whole journey on a tiny model on CPU, in minutes"),
     "report": ("dreamtune.report", "main", "figures, results table and examples from a run's artifacts"),
     "demo": ("dreamtune.demo", "main", "web demo: watch an answer being denoised"),
@@ -37,15 +37,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose mistakes raise ValueError, so the CLI prints one `error:` line (exit 2)."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes raise ValueError, so the CLI prints one `error:` line (exit 2); subparsers made
+    from it (add_subparsers) are of this class too."""
 
-    def fail(message):
-        raise ValueError(f"{message} (see {prog} --help)")
+    def error(self, message):
+        raise ValueError(f"{message} (see {self.prog} --help)")
 
-    ap.error = fail  # argparse would print the usage block; one line is the project's convention
-    return ap
+
+def parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser every verb uses (one `error:` line instead of argparse's usage block)."""
+    return OneLineParser(prog=prog, description=description, **kwargs)
 
 
 def positive_int(text: str) -> int:

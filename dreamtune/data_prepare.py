@@ -37,16 +37,8 @@ from pathlib import Path
 
 from dreamtune.atomic import temp_dir_beside, write_file
 from dreamtune.hub import hub_offline_if_unreachable
-from dreamtune.data import (
-    DATA_SUFFIXES,
-    DEFAULT_SYSTEM_PROMPT,
-    FORMATS,
-    input_sha256,
-    read_rows,
-    require_columns,
-    text_field,
-    to_messages,
-)
+from dreamtune.data import DATA_SUFFIXES, DEFAULT_SYSTEM_PROMPT, FORMATS, input_sha256, read_rows
+from dreamtune.rows import require_columns, text_field, to_messages
 
 # ---------------------------------------------------------------------------------------------------
 # Converting rows of each format

@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from dreamtune.cli import parser
+
 MASK_GLYPH = "░"
 # Requests that pass no lock of their own take turns on this one: one generation uses the model at a time.
 _MODEL_LOCK = threading.Lock()
@@ -30,13 +32,6 @@ ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast")
 # The shortest time the steps of one answer take on the page: a tiny model on a CPU finishes its steps
 # faster than an eye (or a browser's redraw) can follow. A large model is slower than this anyway.
 MIN_SECONDS = 1.5
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are a ValueError: one `error:` line from the CLI, exit 2."""
-
-    def error(self, message):
-        raise ValueError(f"{message} (see 'dreamtune demo --help')")
 
 
 def render_canvas(tokenizer, tokens, mask_id: int, stop_ids=()) -> str:
@@ -182,7 +177,7 @@ def load_model(model_dir: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="dreamtune demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("dreamtune demo", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (e.g. RUN/checkpoint-final) or hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)

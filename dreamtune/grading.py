@@ -21,21 +21,18 @@ Policies (docs/grading.md explains why): several boxed answers -> the last one w
 ("18 dollars", "5 cm") are dropped; "025" equals "25"; an integer reference and an integer answer that
 differ are wrong without consulting math-verify. For `task="gpqa"` the answer is a choice letter A-D.
 
-`grade()` grades one item in-process; `grade_many()` grades a list with the pool; `main()` is
-`dreamtune grade`. Extraction and normalisation live in `dreamtune.answers`, the worker pool in
+`grade()` grades one item in-process; `grade_many()` grades a list with the pool; the verb
+`dreamtune grade` is dreamtune/grade_cli.py. Extraction and normalisation live in `dreamtune.answers`, the worker pool in
 `dreamtune.grading_pool`; the names are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import threading
 import warnings
 from collections import Counter
-from pathlib import Path
 
 from dreamtune.answers import (  # noqa: F401  (re-exported: extraction and normalisation live there)
     HOWS,
@@ -48,7 +45,6 @@ from dreamtune.answers import (  # noqa: F401  (re-exported: extraction and norm
     normalize_answer,
     reference_answer,
 )
-from dreamtune.atomic import check_writable, write_jsonl
 from dreamtune.grading_pool import _run_pool, _worker_main  # noqa: F401  (re-exported)
 
 TASK_NAMES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "gpqa", "generic")
@@ -231,72 +227,3 @@ def format_summary(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # `dreamtune grade`
 # ---------------------------------------------------------------------------------------------
-
-
-def read_predictions(path: str | Path) -> list[dict]:
-    """Rows of a predictions JSONL; each needs `response` and `answer` (ValueError naming the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"predictions file not found: {path} (pass a JSONL file with 'response' and 'answer' per line)")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'response' and 'answer', got {type(row).__name__}")
-            for key in ("response", "answer"):
-                if key not in row or row[key] is None:
-                    raise ValueError(
-                        f"{path}:{n}: row has no '{key}' field; each row needs 'response' (the model's raw "
-                        "output) and 'answer' (the reference answer)"
-                    )
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no rows; expected JSON lines with 'response' and 'answer'")
-    return rows
-
-
-def default_out_path(predictions: str | Path) -> Path:
-    """`preds.jsonl` -> `preds.graded.jsonl`, beside the input."""
-    p = Path(predictions)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.stem
-    return p.with_name(f"{stem}.graded.jsonl")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dreamtune.cli import parser
-
-    ap = parser("dreamtune grade", "Grade generations made elsewhere: a JSONL with 'response' (raw model output) "
-                "and 'answer' (reference) per line; 'question' optional.")
-    ap.add_argument("--task", required=True, choices=TASK_NAMES, help="answer style (gpqa: choice letters)")
-    ap.add_argument("--predictions", required=True, help="JSONL file of {response, answer[, question]}")
-    ap.add_argument("--out", help="per-row verdicts JSONL (default: <predictions>.graded.jsonl beside it)")
-    ap.add_argument("--workers", type=int, default=None, help="math-verify processes (0 = inline; default min(4, CPUs))")
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per item for math-verify")
-    args = ap.parse_args(argv)
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be 0 (inline) or more, got {args.workers}")
-    out = Path(args.out) if args.out else default_out_path(args.predictions)
-    if out.resolve() == Path(args.predictions).resolve():
-        raise ValueError(f"--out {out} would overwrite the predictions file; choose another path")
-    check_writable(out)
-    rows = read_predictions(args.predictions)
-    try:
-        verdicts = grade_many(rows, args.task, workers=args.workers, timeout=args.timeout)
-    except ValueError as e:  # a reference that cannot be read: say which file
-        raise ValueError(f"{args.predictions}: {e}") from None
-    graded = [{**row, **{k: v[k] for k in ("extracted", "correct", "stage", "how", "error")}} for row, v in zip(rows, verdicts)]
-    write_jsonl(out, graded)
-    print(format_summary(summarize(verdicts)))
-    print(format_rules(verdicts))
-    print(f"verdicts: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

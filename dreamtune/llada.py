@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -182,43 +181,3 @@ def load_model(d: Path, cfg: dict, **extra):
 def llada_state_dict(sd: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
     """Llama state dict -> LLaDA's names (a tied output head is the embedding table: not written twice)."""
     return {to_llada_name(k): v for k, v in sd.items() if not (tied and k == "lm_head.weight")}
-
-
-def save_llada(lm, out, dtype=torch.bfloat16, state_dict: dict | None = None) -> Path:
-    """Write a LLaDA-format directory: config.json with LLaDA's keys (model_type "llada"), safetensors shards
-    under LLaDA's parameter names with their index, the tokenizer (readable by transformers 4.46) and
-    generation_config.json. state_dict: plain HF keys (default: the model's own)."""
-    from huggingface_hub import save_torch_state_dict
-
-    from dreamtune.atomic import replace_dir, temp_dir_beside
-    from dreamtune.models import special_ids, unwrap
-    from dreamtune.tokenizer import check_tokenizer, save_tokenizer
-
-    if lm.shift:
-        raise ValueError("a LLaDA-format export needs a model that does not shift (LLaDA scores position i from output i); "
-                         "this one shifts as Dream does; export it with --format hf or --format dream")
-    out = Path(out)
-    config = unwrap(lm.model).config
-    ids = special_ids(lm)
-    cfg = llada_config(config, ids, dtype)  # refuses what LLaDA cannot express before anything is written
-    if lm.tokenizer is not None:
-        check_tokenizer(lm.tokenizer, lm.source_dir or Path(lm.source or "."), ids)
-    sd = state_dict if state_dict is not None else unwrap(lm.model).state_dict()
-    sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
-    sd = llada_state_dict(sd, bool(config.tie_word_embeddings))
-    tmp = temp_dir_beside(out)
-    try:
-        save_torch_state_dict(sd, str(tmp), max_shard_size="5GB")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        source_gen = lm.source_dir / "generation_config.json" if lm.source_dir is not None else None
-        if source_gen is not None and source_gen.is_file():
-            shutil.copyfile(source_gen, tmp / "generation_config.json")
-        else:
-            gen = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if ids.get(k) is not None}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if lm.tokenizer is not None:
-            save_tokenizer(lm.tokenizer, tmp, source=lm.source_dir)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

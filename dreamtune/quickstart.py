@@ -5,7 +5,7 @@
 
 What it does, with the real pieces of dreamtune at every stage:
   1. builds a tiny Dream-architecture model (`dreamtune.tiny.tiny_lm`) over the task's characters and
-     writes it as the untrained "base" model (`dreamtune.models.save_hf`);
+     writes it as the untrained "base" model (`dreamtune.export.save_hf`);
   2. makes a synthetic dataset with worked solutions (`dreamtune.tasks.synthetic.make_rows`), prepares it
      (`dreamtune.data_prepare.prepare`: train/val parquet + manifest) and validates it against the base model's
      tokenizer (`dreamtune.data_validate.validate`: validation.json + validation.png);
@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dreamtune.atomic import write_json, write_jsonl
+from dreamtune.cli import parser
 
 DEFAULT_OUT = "runs/quickstart"
 # Per task: the generator's options, rows, model size and training. Chosen by sweeps over size, batch,
@@ -178,7 +179,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     from dreamtune.engine import DreamSampler, record
     from dreamtune.data_prepare import prepare
     from dreamtune.data_validate import print_summary, validate
-    from dreamtune.models import save_hf
+    from dreamtune.export import save_hf
     from dreamtune.tokenizer import load_tokenizer
     from dreamtune.tasks.synthetic import alphabet
     from dreamtune.tiny import tiny_lm
@@ -330,24 +331,17 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are a ValueError: one `error:` line from the CLI, exit 2."""
-
-    def error(self, message):
-        raise ValueError(f"{message} (see 'dreamtune quickstart --help')")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="dreamtune quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--task", default="arithmetic", help="arithmetic (default) or sudoku")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's, ~500)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the idle cores; OMP_NUM_THREADS is honoured)")
-    parser.add_argument("--quiet", action="store_true", help="print only the final table")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    ap = parser("dreamtune quickstart", __doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    ap.add_argument("--task", default="arithmetic", help="arithmetic (default) or sudoku")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's, ~500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the idle cores; OMP_NUM_THREADS is honoured)")
+    ap.add_argument("--quiet", action="store_true", help="print only the final table")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     summary = run(args.out, args.task, args.steps, args.seed, args.threads, quiet=args.quiet)
     if args.quiet:
         print(_table(summary))

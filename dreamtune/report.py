@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from dreamtune.atomic import replace_dir, temp_dir_beside
+from dreamtune.cli import parser
 from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label: part of this leaf's API)
     TRAIN_SERIES,
     model_label,
@@ -44,13 +45,6 @@ from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label:
 # moving average over this many steps so the trend is readable.
 SMOOTH = 20
 N_EXAMPLES = 6
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are a ValueError: one `error:` line from the CLI, exit 2."""
-
-    def error(self, message):
-        raise ValueError(f"{message} (see 'dreamtune report --help')")
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -380,7 +374,7 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="dreamtune report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("dreamtune report", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (holds metrics.jsonl)")
     p.add_argument("--eval", action="append", default=[], metavar="FILE", help="eval_results.json (repeatable)")
     p.add_argument("--compare", default=None, metavar="FILE", help="comparison JSON from dreamtune compare")

@@ -94,7 +94,8 @@ def step_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
 def load_examples(files, tokenizer, cfg, what: str):
     """Read rows, render them as training sees them, apply the truncation policy."""
     from dreamtune.batching import truncate
-    from dreamtune.data import check_columns, encode_examples, read_rows
+    from dreamtune.data import encode_examples, read_rows
+    from dreamtune.rows import check_columns
 
     rows = read_rows(list(files))
     check_columns(rows, cfg.data.prompt_key, cfg.data.response_key)
@@ -364,7 +365,7 @@ def save_state(run_dir, step, model, opt, cfg, plan) -> None:
 
 def export_final(lm, model, run_dir: Path, cfg, dev: D.Dist) -> None:
     from dreamtune.checkpoint import full_state_dict, merge_lora_state_dict
-    from dreamtune.models import save_dream, save_hf
+    from dreamtune.export import save_dream, save_hf
 
     sd = full_state_dict(model)
     if dev.is_main:

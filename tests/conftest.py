@@ -60,7 +60,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Dream-architecture model (qwen2, bidirectional, shifted) saved as an HF directory."""
-    from dreamtune.models import save_hf
+    from dreamtune.export import save_hf
     from dreamtune.tiny import tiny_lm
 
     d = tmp_path_factory.mktemp("tiny") / "model"

@@ -466,7 +466,7 @@ def test_prepare_gsm8k_train_for_the_trainer(tok, tmp_path, capsys):
     src = shared("eval", "gsm8k", "train.jsonl")
     code, out, _ = run_cli(capsys, "prepare", "--input", src, "--out", tmp_path / "gsm8k", "--format", "gsm8k")
     assert code == 0 and "train 6726, val 747" in out
-    from dreamtune.data import check_columns
+    from dreamtune.rows import check_columns
 
     for split, n in (("train", 6726), ("val", 747)):
         rows = read_rows(str(tmp_path / "gsm8k" / f"{split}.parquet"))

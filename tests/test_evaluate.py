@@ -13,7 +13,7 @@ import pytest
 
 import dreamtune.evaluate as evaluate
 from dreamtune.cli import main as cli
-from dreamtune.models import save_hf
+from dreamtune.export import save_hf
 from dreamtune.tiny import tiny_lm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

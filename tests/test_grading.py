@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamtune import grading
+from dreamtune import grade_cli, grading
 from dreamtune.grading import extract_answer, grade, grade_many, summarize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
@@ -188,7 +188,7 @@ def test_malformed_boxes_in_a_pool_and_counted_by_rule(tmp_path, capsys):
     assert [v["how"] for v in grade_many(rows, "gsm8k", workers=0)] == [c[4] for c in MALFORMED_CASES]
     preds = tmp_path / "p.jsonl"
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert grading.main(["--task", "gsm8k", "--predictions", str(preds), "--workers", "0"]) == 0
+    assert grade_cli.main(["--task", "gsm8k", "--predictions", str(preds), "--workers", "0"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("answers found by:"))
     for rule in ("boxed_unclosed", "boxed_no_backslash", "boxed_after_empty"):
         assert f"{rule} {sum(c[4] == rule for c in MALFORMED_CASES)}," in line
@@ -302,7 +302,7 @@ def test_grade_cli_writes_verdicts(tmp_path, capsys):
         {"response": "no idea", "answer": 3, "extra": [1]},
     ]
     preds = _write(tmp_path / "preds.jsonl", rows)
-    assert grading.main(["--task", "gsm8k", "--predictions", str(preds), "--workers", "0"]) == 0
+    assert grade_cli.main(["--task", "gsm8k", "--predictions", str(preds), "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "accuracy: 33.3% (1/3)" in out and "exact 1" in out and "none 2" in out
     graded = [json.loads(x) for x in (tmp_path / "preds.graded.jsonl").read_text().splitlines()]
@@ -313,7 +313,7 @@ def test_grade_cli_writes_verdicts(tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed away
 
     custom = tmp_path / "sub" / "v.jsonl"
-    assert grading.main(["--task", "generic", "--predictions", str(preds), "--out", str(custom)]) == 0
+    assert grade_cli.main(["--task", "generic", "--predictions", str(preds), "--out", str(custom)]) == 0
     assert len(custom.read_text().splitlines()) == 3
 
 
@@ -331,7 +331,7 @@ def test_grade_cli_writes_verdicts(tmp_path, capsys):
 def test_grade_cli_user_errors(tmp_path, lines, match):
     preds = _write(tmp_path / "preds.jsonl", lines)
     with pytest.raises(ValueError, match=match):
-        grading.main(["--task", "math500", "--predictions", str(preds), "--workers", "0"])
+        grade_cli.main(["--task", "math500", "--predictions", str(preds), "--workers", "0"])
 
 
 def test_grade_cli_errors_through_dreamtune(tmp_path, capsys):
@@ -346,9 +346,9 @@ def test_grade_cli_errors_through_dreamtune(tmp_path, capsys):
     assert "no 'answer' field" in capsys.readouterr().err
 
     with pytest.raises(ValueError, match="overwrite"):
-        grading.main(["--task", "gsm8k", "--predictions", str(preds), "--out", str(preds)])
+        grade_cli.main(["--task", "gsm8k", "--predictions", str(preds), "--out", str(preds)])
     with pytest.raises(ValueError, match="invalid choice"):  # argparse's mistakes become one error line
-        grading.main(["--task", "gsm9k", "--predictions", str(preds)])
+        grade_cli.main(["--task", "gsm9k", "--predictions", str(preds)])
 
 
 @needs_mv
@@ -368,7 +368,7 @@ def test_gsm8k_reference_solutions_score_100(tmp_path, capsys):
     refs = [json.loads(x) for x in GSM8K_TEST.read_text().splitlines() if x.strip()]
     assert len(refs) == 1319
     preds = _write(tmp_path / "gsm8k.jsonl", [{"question": r["question"], "response": r["answer"], "answer": r["answer"]} for r in refs])
-    assert grading.main(["--task", "gsm8k", "--predictions", str(preds)]) == 0
+    assert grade_cli.main(["--task", "gsm8k", "--predictions", str(preds)]) == 0
     assert "accuracy: 100.0% (1319/1319)" in capsys.readouterr().out
     # and against the bare final answers, as tasks.load gives them
     from dreamtune import tasks

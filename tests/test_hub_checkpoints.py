@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamtune import models
+from dreamtune import export, models
 from dreamtune.cli import main as cli
 from tests._hub_checkpoints import LLAMA3_EOS, dream_download, llama3_download, qwen25_download
 from tests.conftest import shared_or_skip, write_parquet
@@ -184,7 +184,7 @@ def test_export_refuses_a_broken_tokenizer(dream_dir, tmp_path):
 
     lm.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tm.WordLevel(vocab={"a": 0, "b": 1}, unk_token="a")))
     with pytest.raises(ValueError, match="has 2 tokens, but config.json's eos_token_id is 151643"):
-        models.save_hf(lm, tmp_path / "out")
+        export.save_hf(lm, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

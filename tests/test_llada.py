@@ -205,7 +205,7 @@ def test_llada_export_round_trip(llada, llada_dir, tmp_path):
 
 
 def test_llada_export_refuses_a_shifting_model(llada, tmp_path):
-    from dreamtune.llada import save_llada
+    from dreamtune.export import save_llada
 
     shifted = models.DiffusionLM(model=llada.model, tokenizer=llada.tokenizer, mask_token_id=MASK, shift=True)
     with pytest.raises(ValueError, match="does not shift"):

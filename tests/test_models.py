@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dreamtune import models
+from dreamtune import export, models
 from dreamtune.tiny import char_tokenizer, tiny_lm
 
 
@@ -69,7 +69,7 @@ def test_left_padding_matches_unpadded():
 
 def test_dream_export_round_trip(tmp_path):
     lm = tiny_lm()
-    out = models.save_dream(lm, tmp_path / "dream", dtype=torch.float32)
+    out = export.save_dream(lm, tmp_path / "dream", dtype=torch.float32)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "Dream" and cfg["architectures"] == ["DreamModel"]
     assert cfg["mask_token_id"] == lm.mask_token_id and "auto_map" in cfg and cfg["rope_theta"] > 0
@@ -85,7 +85,7 @@ def test_hf_export_loads_with_automodel(tmp_path):
     from transformers import AutoModelForCausalLM
 
     lm = tiny_lm()
-    out = models.save_hf(lm, tmp_path / "hf", dtype=torch.float32)
+    out = export.save_hf(lm, tmp_path / "hf", dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.is_causal is False
     x = _ids(lm)
@@ -142,7 +142,7 @@ def test_error_no_config(tmp_path):
 
 def test_error_config_without_weights(tmp_path):
     """A directory with a config but no weight files: one clear error, not transformers' OSError."""
-    d = models.save_hf(tiny_lm(seed=0), tmp_path / "m")
+    d = export.save_hf(tiny_lm(seed=0), tmp_path / "m")
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
         models.load(d)
@@ -171,7 +171,7 @@ def test_error_mask_token_cannot_be_added(tmp_path):
 
 def test_error_mask_id_outside_vocab(tmp_path):
     lm = tiny_lm()
-    out = models.save_hf(lm, tmp_path / "m", dtype=torch.float32)
+    out = export.save_hf(lm, tmp_path / "m", dtype=torch.float32)
     (out / models.META_FILE).write_text(json.dumps({"mask_token_id": 10_000, "shift": True}))
     with pytest.raises(ValueError, match="outside the embedding table"):
         models.load(out)
@@ -206,7 +206,7 @@ def test_char_tokenizer_round_trip():
 def test_saved_char_tokenizer_loads_back_unchanged(tmp_path):
     """A generic tokenizer.json must not be re-read as the model type's tokenizer (Qwen2's would drop spaces)."""
     lm = tiny_lm()
-    back = models.load(models.save_hf(lm, tmp_path / "m", dtype=torch.float32))
+    back = models.load(export.save_hf(lm, tmp_path / "m", dtype=torch.float32))
     s = "12 + 3 =\n15"
     assert back.tokenizer(s).input_ids == lm.tokenizer(s).input_ids
     assert back.tokenizer.decode(back.tokenizer(s).input_ids) == s

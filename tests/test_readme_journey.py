@@ -19,7 +19,7 @@ import torch
 
 from conftest import addition_rows
 from dreamtune.cli import main as cli
-from dreamtune.models import save_hf
+from dreamtune.export import save_hf
 from dreamtune.tiny import tiny_lm
 
 TASKS = "gsm8k,math500,aime24,aime25,amc23"
