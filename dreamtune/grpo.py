@@ -149,19 +149,22 @@ def grade_completions(task: str, fmt: str, responses: list[str], answers: list[s
 
 
 @contextmanager
-def full_parameters(model):
-    """FSDP2: every shard all-gathered for the duration (the fast sampler calls the layers' submodules
-    directly, past FSDP's forward hooks); a no-op without FSDP."""
+def full_parameters(model, reshard_after_forward: bool = True):
+    """FSDP2: every shard all-gathered once, and kept until the end (no collective inside): the ranks' samplers
+    run different numbers of steps (rows stop early), and the fast sampler calls the layers' submodules past
+    FSDP's forward hooks. A no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield
     finally:
         for m in units:
             m.reshard()
+            m.set_reshard_after_forward(reshard_after_forward and m is not model, recurse=False)
 
 
 @torch.no_grad()
@@ -176,7 +179,7 @@ def rollout(lm, rows: list[dict], cfg, generator: torch.Generator, cuda_graphs: 
     width, pad = max(len(x) for x in prompts), lm.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=lm.device)  # [nG, P], left-padded
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=lm.device)  # [nG, P]
-    with full_parameters(lm.model):
+    with full_parameters(lm.model, cfg.model.fsdp_config.reshard_after_forward):
         out = generate(lm, ids, mask, max_new_tokens=g.max_new_tokens, steps=g.steps, alg=g.alg,
                        temperature=g.temperature, threshold=g.threshold, block_length=g.block_length,
                        generator=generator, cuda_graphs=cuda_graphs)
