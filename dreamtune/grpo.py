@@ -305,6 +305,8 @@ def train(cfg) -> Path:
     # 4. The loop: rollouts, then num_iterations clipped updates on them.
     mon = Monitor(run_dir, cfg, plan["total_steps"], dev.is_main, start_step=start)
     gen_dev, ran = dev.device.type, 0
+    # the fast sampler replays CUDA graphs: autocast must not cache bf16 weight copies that outlive the capture
+    roll_ctx = torch.autocast("cuda", dtype=compute_dtype, cache_enabled=False) if compute_dtype and not dev.enabled else ctx
     try:
         for step in range(start, plan["total_steps"]):
             t0 = time.time()
@@ -312,7 +314,7 @@ def train(cfg) -> Path:
             batches = []
             for k, rows in enumerate(micro_batches(prompts, step, plan, dev.rank, seed, cfg.data.shuffle)):
                 mb = dev.rank * plan["grad_accum"] + k  # the micro-batch's place in the global batch: N ranks draw as one
-                with ctx:
+                with roll_ctx:
                     batch = rollout(lm, rows, cfg, step_generator(seed, step, mb, 3, device=gen_dev),
                                     cuda_graphs=not dev.enabled)
                 batches.append((mb, batch))
