@@ -30,6 +30,7 @@ import torch
 from dreamtune import distributed as D
 from dreamtune.atomic import write_text
 from dreamtune.config import to_yaml
+from dreamtune.grpo_prompts import check_prompt_source, grade_completions, load_prompts
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
 from dreamtune.train import (export_final, lr_lambda, micro_batches, oom_message, plan_steps, save_state,
@@ -96,53 +97,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon: float, beta: 
     clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))  # the min picked the clip
     clip_frac = (clipped.float() * mask).sum() / mask.sum().clamp(min=1)
     return loss, clip_frac.detach(), kl
-
-
-# ----------------------------------------------------------------------------------------------- prompts and rewards
-
-
-def load_prompts(cfg, lm) -> list[dict]:
-    """Rows {"ids": prompt token ids, "answer": reference} from grpo.prompts_file in grpo.prompt_format."""
-    from dreamtune import tasks
-    from dreamtune.data import encode_example, read_rows
-    from dreamtune.generate_cli import encode_prompt
-
-    g = cfg.grpo
-    if not Path(g.prompts_file).is_file():
-        raise FileNotFoundError(f"grpo.prompts_file '{g.prompts_file}' not found")
-    if g.task in tasks.SYNTHETIC_TASKS:
-        if g.prompt_format != "sft":
-            raise ValueError(f"grpo.task={g.task} rows are rendered as SFT prompts: set grpo.prompt_format=sft")
-        rows = [{"question": r[cfg.data.prompt_key], "answer": str(r["answer"])} for r in read_rows(g.prompts_file)]
-    else:
-        rows = tasks.load(g.task, data_dir=g.prompts_file)
-    out = []
-    for r in rows:
-        if g.prompt_format == "sft":  # as `dreamtune train` renders the prompts of SFT rows
-            ids = encode_example(lm.tokenizer, r["question"], "")[0]
-        else:
-            ids = encode_prompt(lm, tasks.build_prompt(r, g.prompt_format, task=g.task))
-        if len(ids) <= g.max_prompt_length:
-            out.append({"ids": ids, "answer": r["answer"]})
-    if len(out) < len(rows):
-        LOG.info(f"grpo: dropped {len(rows) - len(out)} of {len(rows)} prompts longer than grpo.max_prompt_length={g.max_prompt_length}")
-    return out
-
-
-def grade_completions(task: str, fmt: str, responses: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
-    """(correct, states an answer the grader can read) per response: the task's own grader."""
-    from dreamtune import tasks
-
-    if task in tasks.SYNTHETIC_TASKS:
-        from dreamtune.tasks.synthetic import final_answer
-
-        return ([tasks.grade_synthetic(task, r, a) for r, a in zip(responses, answers)],
-                [final_answer(r) is not None for r in responses])
-    from dreamtune.grading import grade_many
-
-    texts = [tasks.truncate_response(r, "fewshot" if fmt == "fewshot" else "chat") for r in responses]
-    verdicts = grade_many([{"response": t, "answer": a} for t, a in zip(texts, answers)], task=task)
-    return [bool(v["correct"]) for v in verdicts], [v["extracted"] is not None for v in verdicts]
 
 
 # ----------------------------------------------------------------------------------------------- rollouts
@@ -398,18 +352,11 @@ def dry_run(cfg) -> int:
     """Validate a GRPO recipe without loading weights: the config, the prompts file, the model directory, the plan."""
     import os
 
-    from dreamtune import tasks
-    from dreamtune.data import read_rows
     from dreamtune.models import check_model_dir
 
     print(to_yaml(cfg), end="")
     g = cfg.grpo
-    if not Path(g.prompts_file).is_file():
-        raise FileNotFoundError(f"grpo.prompts_file '{g.prompts_file}' not found")
-    synthetic = g.task in tasks.SYNTHETIC_TASKS
-    if synthetic and g.prompt_format != "sft":
-        raise ValueError(f"grpo.task={g.task} rows are rendered as SFT prompts: set grpo.prompt_format=sft")
-    n = len(read_rows(g.prompts_file)) if synthetic else len(tasks.load(g.task, data_dir=g.prompts_file))
+    n = check_prompt_source(cfg)
     print(f"# model: {check_model_dir(cfg.model.partial_pretrain)}")
     plan = plan_steps(cfg, n, int(os.environ.get("WORLD_SIZE", "1")))
     print("# plan: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in plan.items()))
