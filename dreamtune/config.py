@@ -26,6 +26,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dreamtune.grpo_config import PROMPT_FORMATS, SAMPLER_ALGS, GRPOConfig, check_grpo
+
 ALIASES = {
     "data.enable_perbatch_cutoff": "data.perbatch_cutoff",
     "trainer.save_freq": "trainer.save_checkpoint_steps",
@@ -41,6 +43,9 @@ CHOICES = {
     "trainer.wandb_mode": ("online", "offline", "disabled"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "optim.state_dtype": ("float32", "bfloat16"),
+    "trainer.stage": ("sft", "grpo"),
+    "grpo.prompt_format": PROMPT_FORMATS,
+    "grpo.alg": SAMPLER_ALGS,
 }
 LOGGERS = ("console", "tensorboard", "wandb")
 
@@ -135,6 +140,7 @@ class TrainerConfig:
     export_dream: bool = False  # also write checkpoint-final-dream in Dream's format
     device: str = "auto"  # auto | cpu | cuda
     max_steps_this_run: Optional[int] = None  # stop (after saving) once this many steps ran in this process
+    stage: str = "sft"  # sft (masked-diffusion SFT) | grpo (reinforcement learning after SFT: the grpo.* keys)
 
 
 @dataclass
@@ -144,6 +150,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 # ----------------------------------------------------------------------------------------------- keys
@@ -298,6 +305,8 @@ def validate(cfg) -> None:
         raise ValueError("bad value for 'trainer.total_training_steps': must be > 0 (or null for epochs)")
     if cfg.data.packing and cfg.data.perbatch_cutoff:
         raise ValueError("data.packing and data.perbatch_cutoff cannot both be on; packing removes padding already")
+    if cfg.trainer.stage == "grpo":
+        check_grpo(cfg)
 
 
 def to_yaml(cfg) -> str:

@@ -74,7 +74,7 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
     steps can be watched. A prompt that does not fit the context, or a bad setting, yields one message."""
     import torch
 
-    from dreamtune.engine import decode_answer, encode_prompt, generate, sampler_for, settings_of
+    from dreamtune.engine import decode_answer, encode_prompt, generate, sampler_with
 
     prompt = (prompt or "").strip()
     if not prompt:
@@ -98,8 +98,7 @@ def denoise_stream(lm, prompt: str, *, alg: str = "maskgit_plus", steps: int = 3
         try:
             with lock if lock is not None else _MODEL_LOCK:
                 t0 = time.time()
-                asked = {"steps": steps, "temperature": float(temperature), "threshold": float(threshold)}
-                sampler = sampler_for(alg, **{k: v for k, v in asked.items() if k in settings_of(alg)})
+                sampler = sampler_with(alg, steps=steps, temperature=float(temperature), threshold=float(threshold))
                 result["out"] = generate(lm, input_ids, None, sampler, max_new_tokens=max_new_tokens,
                                          generator=generator, on_step=lambda x: frames.put(x[0, p:].tolist()))
                 result["time_s"] = time.time() - t0

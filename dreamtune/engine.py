@@ -69,6 +69,13 @@ def settings_of(alg: str) -> set[str]:
     return {f.name for f in dataclasses.fields(SAMPLERS[ALGS[alg]][0])} - {"alg"}
 
 
+def sampler_with(alg: str, **settings):
+    """The sampler `alg` names, taking those of `settings` it has: for a form or a recipe that offers one set
+    of fields for every sampler (the demo, GRPO's rollouts)."""
+    have = settings_of(alg)
+    return sampler_for(alg, **{k: v for k, v in settings.items() if k in have})
+
+
 @torch.no_grad()
 def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, sampler: Sampler | None = None, *,
              max_new_tokens: int, generator: torch.Generator | None = None, return_history: bool = False,

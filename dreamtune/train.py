@@ -4,6 +4,7 @@
     python -m dreamtune.train [config.yaml] key=value ...
     torchrun --nproc_per_node=N -m dreamtune.train ...     # FSDP2 over N GPUs (gloo on CPU); multi-node too
     dreamtune train --dry-run [config.yaml] key=value ...  # validate, print the resolved config and the plan
+    dreamtune train configs/dream7b_gsm8k_grpo.yaml        # trainer.stage=grpo: RL after SFT (dreamtune/grpo.py)
 
 The objective is Dream's (dreamtune/diffusion.py); the batches are Dream's (dreamtune/batching.py);
 the model is transformers' own with bidirectional attention (dreamtune/models.py). Every random draw of
@@ -420,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"unknown option '{unknown[0]}'; options: --dry-run (everything else is key=value)")
     cfg = load_config(path, overrides)
+    if cfg.trainer.stage == "grpo":  # reinforcement learning after SFT: its own recipe, dreamtune/grpo.py
+        from dreamtune.grpo import run
+
+        return run(cfg, dry="--dry-run" in flags)
     if "--dry-run" in flags:
         return dry_run(cfg)
     missing = [f for f in list(cfg.data.train_files) + list(cfg.data.val_files) if not Path(f).exists()]
