@@ -36,6 +36,7 @@ class Batch:
     attention_mask: torch.Tensor | None = None  # [B, L] 0/1 (left pads) or None (attend to everything)
     position_ids: torch.Tensor | None = None  # [B, L] (left padding, packing) or None (0..L-1)
     packed: bool = False
+    n_docs: int = 0  # sequences drawn a noise level each (rows, or packed documents); 0 = count doc_ids
 
     def to(self, device) -> "Batch":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,7 +96,7 @@ def collate(examples: list[Example], *, max_length: int, pad_id: int, cutoff_typ
             maskable[b, P:] = True
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         doc_ids = torch.where(attn.bool(), torch.arange(B)[:, None], torch.full_like(ids, -1))
-        return Batch(ids, maskable, doc_ids, attention_mask=attn, position_ids=position_ids)
+        return Batch(ids, maskable, doc_ids, attention_mask=attn, position_ids=position_ids, n_docs=B)
 
     if cutoff_type == "random":
         k = int(torch.randint(B, (1,), generator=g))
@@ -118,7 +119,7 @@ def collate(examples: list[Example], *, max_length: int, pad_id: int, cutoff_typ
             drop = int(torch.randint(1, shortest, (1,), generator=g))
             ids, maskable = ids[:, : L - drop], maskable[:, : L - drop]
     doc_ids = torch.arange(B)[:, None].expand(ids.shape).clone()
-    return Batch(ids, maskable, doc_ids)
+    return Batch(ids, maskable, doc_ids, n_docs=B)
 
 
 def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
@@ -153,4 +154,4 @@ def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
             doc_ids[j, s:s + n] = i
             pos[j, s:s + n] = torch.arange(n)
             s += n
-    return Batch(ids, maskable, doc_ids, attention_mask=None, position_ids=pos, packed=True)
+    return Batch(ids, maskable, doc_ids, attention_mask=None, position_ids=pos, packed=True, n_docs=len(examples))

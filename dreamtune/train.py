@@ -12,6 +12,7 @@ optimizer step s comes from generators seeded by (seed, s, rank, micro-batch), s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 
 from dreamtune import distributed as D
-from dreamtune.atomic import write_text
+from dreamtune.atomic import write_json, write_text
 from dreamtune.config import load_config, split_argv, to_yaml
-from dreamtune.monitor import LOG, Monitor, setup_logging
+from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
 
 MIN_STEPS_WARNING = 20
@@ -92,7 +93,9 @@ def step_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
 
 
 def load_examples(files, tokenizer, cfg, what: str):
-    """Read rows, render them as training sees them, apply the truncation policy."""
+    """Read rows, render them as training sees them, apply the truncation policy. Returns (examples, counts):
+    counts = {"rows", "over_max_length", "truncated", "dropped", "answer_lost"}, the final answer found and
+    judged lost as `dreamtune data validate` does (dreamtune/data_validate.py)."""
     from dreamtune.batching import truncate
     from dreamtune.data import check_columns, encode_examples, read_rows
 
@@ -101,16 +104,44 @@ def load_examples(files, tokenizer, cfg, what: str):
     prompts = [r[cfg.data.prompt_key] for r in rows]
     responses = [r[cfg.data.response_key] for r in rows]
     encoded = encode_examples(tokenizer, prompts, responses)
-    out, dropped = [], 0
+    out, over = [], []
     for i, (p, r) in enumerate(encoded):
         ex = truncate(p, r, cfg.data.max_length, cfg.data.truncation, row=i)
-        if ex is None:
-            dropped += 1
-        else:
+        if len(p) + len(r) > cfg.data.max_length:
+            over.append(i)
+        if ex is not None:
             out.append(ex)
-    if dropped:
-        LOG.info(f"{what}: dropped {dropped} of {len(encoded)} rows longer than data.max_length={cfg.data.max_length}")
-    return out
+    policy, m = cfg.data.truncation, cfg.data.max_length
+    lost = answers_lost(tokenizer, [prompts[i] for i in over], [responses[i] for i in over], m) if policy == "right" else 0
+    counts = {"rows": len(encoded), "over_max_length": len(over), "truncated": len(over) if policy in ("left", "right") else 0,
+              "dropped": len(over) if policy == "drop" else 0, "answer_lost": lost}
+    return out, counts
+
+
+def truncation_line(what: str, counts: dict, cfg) -> str:
+    m, n, over = cfg.data.max_length, counts["rows"], counts["over_max_length"]
+    if not over:
+        return f"{what}: no row is longer than data.max_length={m}"
+    if cfg.data.truncation == "drop":
+        return f"{what}: dropped {over} of {n} rows longer than data.max_length={m}"
+    if cfg.data.truncation == "left":
+        return f"{what}: {over} of {n} rows are longer than data.max_length={m} and were cut at the start (data.truncation=left); their answers are kept"
+    return (f"{what}: {over} of {n} rows are longer than data.max_length={m} and were cut at the end (data.truncation=right); "
+            f"{counts['answer_lost']} of them lost their final answer (see `dreamtune data validate`)")
+
+
+def answers_lost(tokenizer, prompts, responses, max_length: int) -> int:
+    """How many rows right truncation at max_length cuts into the final answer of (data validate's rule)."""
+    from dreamtune.data import encode_batches
+    from dreamtune.data_validate import _char_to_token, answer_span
+
+    lost = 0
+    for start, p, r in encode_batches(tokenizer, prompts, responses):
+        for j, prompt_ids in enumerate(p.input_ids):
+            span = answer_span(responses[start + j])
+            if span is not None and len(prompt_ids) + _char_to_token(tokenizer, r, j, responses[start + j], span[1] - 1) >= max_length:
+                lost += 1
+    return lost
 
 
 def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle: bool):
@@ -128,10 +159,10 @@ def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle
 
 
 def forward_loss(lm, batch, cfg, generator: torch.Generator):
-    """Noise the batch, run the model, return (loss, mean CE, masked count). One micro-batch."""
+    """Noise the batch, run the model, return (loss, mean CE, masked count as a tensor). One micro-batch."""
     from dreamtune.diffusion import head_loss, mask_tokens, position_weights, sample_t
 
-    n_docs = int(batch.doc_ids.max()) + 1
+    n_docs = batch.n_docs or int(batch.doc_ids.max()) + 1  # known on the CPU: no wait for the GPU
     t_doc = sample_t(n_docs, generator, cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
     t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
     noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
@@ -141,7 +172,7 @@ def forward_loss(lm, batch, cfg, generator: torch.Generator):
                                doc_ids=batch.doc_ids if batch.packed else None)
     loss, ce = head_loss(lm.model.get_output_embeddings(), h, batch.input_ids[masked], weights,
                          focal=cfg.diffusion.token_reweighting, alpha=cfg.diffusion.alpha, gamma=cfg.diffusion.gamma)
-    return loss, ce, int(masked.sum())
+    return loss, ce, masked.sum()
 
 
 def make_batch(examples, cfg, pad_id: int, generator: torch.Generator):
@@ -206,36 +237,15 @@ def train(cfg) -> Path:
         D.check_embeddings_untied(lm.model)  # here, before the run directory exists
 
     # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
-    train_ex = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
-    val_ex = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val") if cfg.data.val_files else []
+    train_ex, train_counts = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
+    val_ex, val_counts = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val") if cfg.data.val_files else ([], None)
     plan = plan_steps(cfg, len(train_ex), dev.world)
     if plan["total_steps"] < MIN_STEPS_WARNING:
         LOG.warning(f"warning: this run takes only {plan['total_steps']} optimizer steps ({plan['rows']} rows, global batch "
                     f"{plan['global_batch']}, {cfg.trainer.total_epochs} epochs); lower data.train_batch_size or raise "
                     f"trainer.total_epochs for real training")
 
-    # 3. The run directory: resume from it, or start it fresh.
-    resume_from = None
-    if cfg.trainer.resume_training or cfg.trainer.resume_path:
-        from dreamtune.checkpoint import STATE, latest_checkpoint
-
-        resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
-        if resume_from is None:
-            LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
-        elif not (resume_from / STATE).exists():
-            raise ValueError(f"'{resume_from}' is not a complete dreamtune checkpoint (no {STATE}); point "
-                             f"trainer.resume_path at a checkpoint-STEP directory")
-    if dev.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
-            write_text(run_dir / "config.yaml", to_yaml(cfg))
-    D.barrier()
-    setup_logging(run_dir, dev.is_main)
-    LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
-             f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
-             f"device {dev.device}")
-
-    # 4. Trainable parameters: LoRA adapters or everything.
+    # 3. Trainable parameters: LoRA adapters or everything.
     model = lm.model
     if cfg.model.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -245,6 +255,40 @@ def train(cfg) -> Path:
             torch.manual_seed(cfg.trainer.seed)
             model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                                      lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+
+    # 4. The run directory: resume from it, or start it fresh; its checkpoints must fit the disk.
+    from dreamtune.checkpoint import STATE, Saver, latest_checkpoint
+
+    resume_from, start = None, 0
+    if cfg.trainer.resume_training or cfg.trainer.resume_path:
+        resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
+        if resume_from is None:
+            LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
+        elif not (resume_from / STATE).exists():
+            raise ValueError(f"'{resume_from}' is not a complete dreamtune checkpoint (no {STATE}); point "
+                             f"trainer.resume_path at a checkpoint-STEP directory")
+        else:
+            start = int(json.loads((resume_from / STATE).read_text())["step"])
+    sizes = preflight_disk(run_dir, model, lm, cfg, plan, start, dev)  # ValueError before anything is written
+    if dev.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+            write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_json(run_dir / "data_summary.json", {"truncation": {"policy": cfg.data.truncation, "max_length": cfg.data.max_length,
+                                                                "train": train_counts, "val": val_counts}})
+    D.barrier()
+    setup_logging(run_dir, dev.is_main)
+    LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
+             f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
+             f"device {dev.device}")
+    for what, counts in (("train", train_counts), ("val", val_counts)):
+        if counts is not None:
+            LOG.info(truncation_line(what, counts, cfg))
+    LOG.info(sizes["line"])
+    if sizes["warning"]:
+        LOG.warning(sizes["warning"])
+
+    # 5. Memory and speed: recomputation, compiled layers, FSDP2 or one device.
     if cfg.model.enable_gradient_checkpointing:
         D.apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     if cfg.model.compile and dev.device.type == "cuda":
@@ -262,46 +306,52 @@ def train(cfg) -> Path:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # 5. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
-    if cfg.optim.state_dtype == "bfloat16":  # moments in bf16, fp32 maths: 8 bytes per parameter less
-        opt = AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                    state_dtype=torch.bfloat16)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay, fused=dev.device.type == "cuda")
+    # 6. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
+    opt = make_optimizer(params, cfg, dev.device.type)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan["total_steps"], plan["warmup_steps"]))
-    start = 0
     if resume_from is not None:
         from dreamtune.checkpoint import load_resumable
 
+        t0 = time.time()
         state = load_resumable(resume_from, model, opt, trainable_only=cfg.model.lora_rank > 0)
         if dev.is_main:
             write_text(run_dir / "config.yaml", to_yaml(cfg))
-        start = int(state["step"])
         sched.last_epoch = start - 1  # LambdaLR recomputes the factor from the step
         sched.step()
-        LOG.info(f"resumed from {resume_from} at step {start}")
+        LOG.info(f"resumed from {resume_from} at step {start} in {time.time() - t0:.1f}s")
+        if not state.get("optimizer_state", True):
+            LOG.info(f"{resume_from.name} holds the weights only (saved with trainer.save_optimizer=false): the AdamW "
+                     f"moments restart from zero at step {start}")
 
-    # 6. The loop.
+    # 7. The loop.
     mon = Monitor(run_dir, cfg, plan["total_steps"], dev.is_main, start_step=start)
+    saver = Saver(run_dir, trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last,
+                  with_optimizer=cfg.trainer.save_optimizer, background=cfg.trainer.async_save, sizes=sizes)
+    peak = peak_flops(cfg, dev)  # FLOP/s of all the run's accelerators, or None (MFU not logged)
+    flops_of = flop_counter(model, lora=cfg.model.lora_rank > 0)
     seed, ran = cfg.trainer.seed, 0
     try:
         for step in range(start, plan["total_steps"]):
             t0 = time.time()
-            totals = torch.zeros(4, device=dev.device)  # [loss, ce, masked, tokens] summed over micro-batches
+            totals = torch.zeros(2, device=dev.device)  # [loss, ce] summed over micro-batches (no sync per micro-batch)
+            counts = [0.0, 0.0, 0.0]  # [masked, tokens, model FLOPs]
             for k, examples in enumerate(micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data.shuffle)):
                 # seeded by the micro-batch's place in the global batch, so that N ranks draw what one would
                 mb = dev.rank * plan["grad_accum"] + k
-                batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb)).to(dev.device)
+                cpu_batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb))
+                counts[1] += cpu_batch.n_tokens
+                counts[2] += flops_of(cpu_batch)
+                batch = cpu_batch.to(dev.device)
                 if cfg.model.lora_dropout > 0:  # peft's dropout draws from the global generators: seed them too
                     torch.manual_seed(step_generator(seed, step, mb, 2).initial_seed())
                 with ctx:
                     loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
                 (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
-                totals += torch.tensor([loss.item(), ce.item(), n_masked, batch.n_tokens], device=dev.device)
+                totals += torch.stack([loss.detach().float(), ce.detach().float()])
+                counts[0] += float(n_masked)
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-            D.all_reduce_sum(totals)
+            totals = D.all_reduce_sum(torch.cat([totals, torch.tensor(counts, device=dev.device)]))
             loss_val = float(totals[0]) / (plan["grad_accum"] * dev.world)
             if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)):
                 raise FloatingPointError(
@@ -321,13 +371,14 @@ def train(cfg) -> Path:
             mon.log(done, {"epoch": round(done / plan["steps_per_epoch"], 4), "loss": loss_val,
                            "ce": float(totals[1]) / (plan["grad_accum"] * dev.world), "lr": lr_used,
                            "grad_norm": float(grad_norm), "tokens": int(totals[3]), "masked_tokens": int(totals[2]),
-                           "tokens_per_s": float(totals[3]) / dt})
+                           "tokens_per_s": float(totals[3]) / dt,
+                           **({"mfu": float(totals[4]) / dt / peak} if peak else {})})
             last = done == plan["total_steps"]
             if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
                 mon.log(done, {"val_loss": validate(lm, val_ex, cfg, pad_id, ctx, dev)})
             stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
             if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
-                save_state(run_dir, done, model, opt, cfg, plan)
+                saver.save(done, model, opt, trainer_state(cfg, plan))
             if stop_early and not last:
                 LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
                 return run_dir
@@ -335,23 +386,61 @@ def train(cfg) -> Path:
         raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None
     finally:
         mon.close()
+        saver.wait()  # a checkpoint written in the background is finished (and named in `latest`) before exit
 
-    # 7. The final export: bf16 HF directory (LoRA merged), optionally Dream's format too.
+    # 8. The final export: bf16 HF directory (LoRA merged), optionally Dream's format too.
     export_final(lm, model, run_dir, cfg, dev)
     LOG.info(f"done: {run_dir}/checkpoint-final (load it with dreamtune.load or AutoModelForCausalLM)")
     return run_dir
 
 
-def save_state(run_dir, step, model, opt, cfg, plan) -> None:
+def trainer_state(cfg, plan) -> dict:
+    """What trainer_state.json records beside the step: the seed, the plan and the resolved config."""
     from omegaconf import OmegaConf
 
-    from dreamtune.checkpoint import save_resumable
+    return {"seed": cfg.trainer.seed, "plan": plan, "config": OmegaConf.to_container(cfg, resolve=True)}
 
-    t0 = time.time()
-    path = save_resumable(run_dir, step, model, opt,
-                          {"seed": cfg.trainer.seed, "plan": plan, "config": OmegaConf.to_container(cfg, resolve=True)},
-                          trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last)
-    LOG.info(f"saved {path} in {time.time() - t0:.1f}s")
+
+def make_optimizer(params, cfg, device_type: str):
+    if cfg.optim.state_dtype == "bfloat16":  # moments in bf16, fp32 maths: 8 bytes per parameter less
+        return AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                     state_dtype=torch.bfloat16)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                             fused=device_type == "cuda")
+
+
+def preflight_disk(run_dir: Path, model, lm, cfg, plan: dict, start: int, dev: D.Dist) -> dict:
+    """The sizes of this run's checkpoints against the free space of the run directory's disk, before step 1:
+    ValueError (one line) when they cannot fit, a warning when they are tight. Rank 0 decides for all."""
+    from dreamtune.checkpoint import check_disk, checkpoint_sizes, format_bytes, plan_disk
+
+    result = None
+    if dev.is_main:
+        try:
+            params = [p for p in model.parameters() if p.requires_grad]
+            groups = [{k: v for k, v in g.items() if k != "params"}
+                      for g in make_optimizer(params, cfg, dev.device.type).state_dict()["param_groups"]]
+            sizes = checkpoint_sizes(model, groups, trainable_only=cfg.model.lora_rank > 0,
+                                     state_dtype=torch.bfloat16 if cfg.optim.state_dtype == "bfloat16" else None,
+                                     trainer_state=trainer_state(cfg, plan), tokenizer=lm.tokenizer,
+                                     tied=bool(getattr(lm.model.config, "tie_word_embeddings", False)))
+            total, every, most = plan["total_steps"], cfg.trainer.save_checkpoint_steps, cfg.trainer.max_steps_this_run
+            end = total if most is None else min(total, start + most)
+            disk = plan_disk(run_dir, sizes, with_optimizer=cfg.trainer.save_optimizer, keep_last=cfg.trainer.keep_last,
+                             save_steps=[s for s in range(start + 1, end + 1) if s % every == 0 or s == end],
+                             final_exports=(1 + cfg.trainer.export_dream) if end == total else 0)
+            warning = check_disk(disk, keep_last=cfg.trainer.keep_last, with_optimizer=cfg.trainer.save_optimizer,
+                                 weights_bytes=sizes["weights"])
+            line = (f"checkpoints: resumable {format_bytes(sizes['resumable'])} (weights only {format_bytes(sizes['weights'])}), "
+                    f"checkpoint-final {format_bytes(sizes['final'])}; this run needs up to {format_bytes(disk['need'])} "
+                    f"of the {format_bytes(disk['free'])} free in {disk['where']}")
+            result = {**sizes, "line": line, "warning": warning}
+        except ValueError as e:
+            result = {"error": str(e)}
+    result = D.broadcast_object(result)
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result
 
 
 def export_final(lm, model, run_dir: Path, cfg, dev: D.Dist) -> None:
