@@ -217,7 +217,8 @@ def masked_ce(lm, overrides: list[str], device, seed: int, batches: int = 4) -> 
     import torch
 
     from dreamtune.config import load_config
-    from dreamtune.train import forward_loss, load_examples, make_batch, step_generator
+    from dreamtune.data import load_examples
+    from dreamtune.train import forward_loss, make_batch, step_generator
 
     cfg = load_config(None, overrides + ["diffusion.time_reweighting=none"])
     if not cfg.data.val_files:

@@ -13,6 +13,10 @@ Cutoffs (Dream's `data.perbatch_cutoff`, per micro-batch):
 `resp_cutoff_ratio` (no per-batch cutoff): with that probability, drop a random number of trailing
 positions, fewer than the shortest response.
 
+Token budget (`data.micro_batch_tokens`): `group_by_tokens` groups the rows of a global batch, in order, into
+micro-batches whose padded size (`padded_tokens`, the bound over the cutoff's random draws) stays within
+the budget: many short rows in one forward pass, a long row alone.
+
 Packing (`data.packing`): rows are packed greedily into sequences of `max_length`; each document keeps
 its own positions and sees only itself (`doc_ids` drives the attention mask, built in
 models.document_attention_mask for the attention implementation in use, the noise and CART). A
@@ -122,13 +126,11 @@ def collate(examples: list[Example], *, max_length: int, pad_id: int, cutoff_typ
     return Batch(ids, maskable, doc_ids, n_docs=B)
 
 
-def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
-    """Pack examples in order into as few rows of max_length as first-fit allows.
-    Documents never straddle rows; the tail of a row is padding that is neither attended nor trained."""
-    rows: list[list[int]] = []  # indices of examples per row
+def first_fit(lengths: list[int], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Pack lengths in order into rows of max_length, first fit: (indices per row, free room per row)."""
+    rows: list[list[int]] = []
     room: list[int] = []
-    for i, (p, r) in enumerate(examples):
-        n = len(p) + len(r)
+    for i, n in enumerate(lengths):
         assert n <= max_length, "truncate examples before packing"
         for j, free in enumerate(room):
             if n <= free:
@@ -138,6 +140,39 @@ def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
         else:
             rows.append([i])
             room.append(max_length - n)
+    return rows, room
+
+
+def padded_tokens(examples: list[Example], *, max_length: int, cutoff_type: str | None = None, packing: bool = False) -> int:
+    """The most positions (rows x length) the batch of these examples can have, whatever the random cutoff draws."""
+    p_max = max(len(p) for p, _ in examples)
+    total_max = max(len(p) + len(r) for p, r in examples)
+    if packing:
+        rows, room = first_fit([len(p) + len(r) for p, r in examples], max_length)
+        return len(rows) * max(max_length - free for free in room)
+    if cutoff_type is None:
+        return len(examples) * max_length
+    if cutoff_type == "random_with_input_pad":  # prompts left-padded to the longest, responses to one row's length
+        return len(examples) * (p_max + max(len(r) for _, r in examples))
+    return len(examples) * min(total_max, max_length)  # random, strip_padding
+
+
+def group_by_tokens(examples: list[Example], budget: int, **layout) -> list[list[int]]:
+    """Indices of `examples` in order, grouped greedily into micro-batches of at most `budget` positions
+    (padded_tokens; a row longer than the budget alone is a micro-batch of its own)."""
+    groups: list[list[int]] = []
+    for i in range(len(examples)):
+        if groups and padded_tokens([examples[j] for j in groups[-1] + [i]], **layout) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
+    """Pack examples in order into as few rows of max_length as first-fit allows.
+    Documents never straddle rows; the tail of a row is padding that is neither attended nor trained."""
+    rows, room = first_fit([len(p) + len(r) for p, r in examples], max_length)
     L = max(max_length - free for free in room)
     R = len(rows)
     ids = torch.full((R, L), pad_id, dtype=torch.long)

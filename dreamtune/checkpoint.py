@@ -367,6 +367,28 @@ def check_disk(plan: dict, *, keep_last: int, with_optimizer: bool, weights_byte
     return None
 
 
+def preflight(run_dir: Path, model, cfg, *, optimizer_groups: list[dict], trainer_state: dict, tokenizer,
+              start: int, total_steps: int) -> dict:
+    """Before step 1: this run's checkpoint sizes and the disk they need at most (the saves from `start` to
+    the end of this process's steps, keep_last, checkpoint-final [and -dream]), against the free space of
+    the run directory. ValueError when they cannot fit; the result has a "warning" when they are tight and
+    a "line" for the log."""
+    t = cfg.trainer
+    sizes = checkpoint_sizes(model, optimizer_groups, trainable_only=cfg.model.lora_rank > 0,
+                             state_dtype=torch.bfloat16 if cfg.optim.state_dtype == "bfloat16" else None,
+                             trainer_state=trainer_state, tokenizer=tokenizer,
+                             tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    end = total_steps if t.max_steps_this_run is None else min(total_steps, start + t.max_steps_this_run)
+    disk = plan_disk(run_dir, sizes, with_optimizer=t.save_optimizer, keep_last=t.keep_last,
+                     save_steps=[s for s in range(start + 1, end + 1) if s % t.save_checkpoint_steps == 0 or s == end],
+                     final_exports=(1 + t.export_dream) if end == total_steps else 0)
+    warning = check_disk(disk, keep_last=t.keep_last, with_optimizer=t.save_optimizer, weights_bytes=sizes["weights"])
+    line = (f"checkpoints: resumable {format_bytes(sizes['resumable'])} (weights only {format_bytes(sizes['weights'])}), "
+            f"checkpoint-final {format_bytes(sizes['final'])}; this run needs up to {format_bytes(disk['need'])} "
+            f"of the {format_bytes(disk['free'])} free in {disk['where']}")
+    return {**sizes, "line": line, "warning": warning}
+
+
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """peft's state dict (base_model.model.* keys, lora_A/lora_B pairs) -> plain HF keys with
     W' = W + scale * B @ A merged in. Pure; works on a gathered full state dict."""

@@ -54,6 +54,9 @@ class DataConfig:
     truncation: str = "error"  # error | left (cut the prompt's start) | right (cut the response's end) | drop
     train_batch_size: int = 16  # global, in rows (s1's recipe); upstream default 256 gives 9 steps on s1K
     micro_batch_size_per_gpu: int = 1
+    # group each global batch's rows into micro-batches of at most this many (padded) tokens instead of a fixed
+    # row count: short rows share a forward pass; every row still weighs 1/train_batch_size (docs/design.md)
+    micro_batch_tokens: Optional[int] = None
     perbatch_cutoff: bool = False
     perbatch_cutoff_type: str = "random"  # random | random_with_input_pad | strip_padding
     resp_cutoff_ratio: float = 0.0  # probability of applying the per-batch cutoff to a batch
@@ -297,6 +300,13 @@ def validate(cfg) -> None:
                          f"TFLOP/s, e.g. 989.5 for an H100/H200 in bf16, or null)")
     if cfg.trainer.total_training_steps is not None and cfg.trainer.total_training_steps <= 0:
         raise ValueError("bad value for 'trainer.total_training_steps': must be > 0 (or null for epochs)")
+    if cfg.data.micro_batch_tokens is not None:
+        if cfg.data.micro_batch_tokens < cfg.data.max_length:
+            raise ValueError(f"bad value for 'data.micro_batch_tokens': {cfg.data.micro_batch_tokens} (at least "
+                             f"data.max_length={cfg.data.max_length}, so that any row fits, or null)")
+        if cfg.data.micro_batch_size_per_gpu != 1:
+            raise ValueError("data.micro_batch_tokens sizes the micro-batches by tokens; leave data.micro_batch_size_per_gpu "
+                             f"at 1 (it is {cfg.data.micro_batch_size_per_gpu}) or set data.micro_batch_tokens=null")
     if cfg.data.packing and cfg.data.perbatch_cutoff:
         raise ValueError("data.packing and data.perbatch_cutoff cannot both be on; packing removes padding already")
 

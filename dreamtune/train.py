@@ -25,6 +25,7 @@ import torch
 from dreamtune import distributed as D
 from dreamtune.atomic import write_json, write_text
 from dreamtune.config import load_config, split_argv, to_yaml
+from dreamtune.data import count_rows, load_examples, truncation_line
 from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
 
@@ -34,28 +35,10 @@ MIN_STEPS_WARNING = 20
 # ----------------------------------------------------------------------------------------------- planning
 
 
-def count_rows(files) -> int | None:
-    """Rows in the training files without reading them whole (parquet metadata); None if unknown."""
-    total = 0
-    for f in files:
-        p = Path(f)
-        if not p.exists():
-            return None
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(p).metadata.num_rows
-        else:
-            from dreamtune.data import read_rows
-
-            total += len(read_rows(str(p)))
-    return total
-
-
 def plan_steps(cfg, n_rows: int, world: int) -> dict:
     """Optimizer steps, gradient accumulation and warm-up for a run; ValueError when they do not fit."""
     micro, gbs = cfg.data.micro_batch_size_per_gpu, cfg.data.train_batch_size
-    if gbs % (micro * world) != 0:
+    if gbs % (micro * world) != 0 and not cfg.data.micro_batch_tokens:
         raise ValueError(
             f"data.train_batch_size={gbs} is not a multiple of data.micro_batch_size_per_gpu={micro} x {world} "
             f"process(es); use e.g. data.train_batch_size={max(1, gbs // (micro * world)) * micro * world}")
@@ -92,67 +75,31 @@ def step_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_examples(files, tokenizer, cfg, what: str):
-    """Read rows, render them as training sees them, apply the truncation policy. Returns (examples, counts):
-    counts = {"rows", "over_max_length", "truncated", "dropped", "answer_lost"}, the final answer found and
-    judged lost as `dreamtune data validate` does (dreamtune/data_validate.py)."""
-    from dreamtune.batching import truncate
-    from dreamtune.data import check_columns, encode_examples, read_rows
+def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, data) -> list[tuple[int, list, float]]:
+    """This rank's (seed index = place in the global batch, examples, loss divisor) per micro-batch at `step`.
+    Fixed micro-batches: rank r takes its slice; each loss (a mean over its masked positions, as Dream's) is
+    divided by the accumulation steps. data.micro_batch_tokens: the global batch is grouped by tokens alike
+    for any number of ranks and dealt to them in turn; a group of n rows is divided by global_batch / (n x
+    ranks), so that after FSDP's mean over ranks every row weighs 1/global_batch, as with one row per
+    micro-batch. A rank dealt a group fewer runs a zero-weight copy (divisor inf): the same collectives."""
+    from dreamtune.batching import group_by_tokens
 
-    rows = read_rows(list(files))
-    check_columns(rows, cfg.data.prompt_key, cfg.data.response_key)
-    prompts = [r[cfg.data.prompt_key] for r in rows]
-    responses = [r[cfg.data.response_key] for r in rows]
-    encoded = encode_examples(tokenizer, prompts, responses)
-    out, over = [], []
-    for i, (p, r) in enumerate(encoded):
-        ex = truncate(p, r, cfg.data.max_length, cfg.data.truncation, row=i)
-        if len(p) + len(r) > cfg.data.max_length:
-            over.append(i)
-        if ex is not None:
-            out.append(ex)
-    policy, m = cfg.data.truncation, cfg.data.max_length
-    lost = answers_lost(tokenizer, [prompts[i] for i in over], [responses[i] for i in over], m) if policy == "right" else 0
-    counts = {"rows": len(encoded), "over_max_length": len(over), "truncated": len(over) if policy in ("left", "right") else 0,
-              "dropped": len(over) if policy == "drop" else 0, "answer_lost": lost}
-    return out, counts
-
-
-def truncation_line(what: str, counts: dict, cfg) -> str:
-    m, n, over = cfg.data.max_length, counts["rows"], counts["over_max_length"]
-    if not over:
-        return f"{what}: no row is longer than data.max_length={m}"
-    if cfg.data.truncation == "drop":
-        return f"{what}: dropped {over} of {n} rows longer than data.max_length={m}"
-    if cfg.data.truncation == "left":
-        return f"{what}: {over} of {n} rows are longer than data.max_length={m} and were cut at the start (data.truncation=left); their answers are kept"
-    return (f"{what}: {over} of {n} rows are longer than data.max_length={m} and were cut at the end (data.truncation=right); "
-            f"{counts['answer_lost']} of them lost their final answer (see `dreamtune data validate`)")
-
-
-def answers_lost(tokenizer, prompts, responses, max_length: int) -> int:
-    """How many rows right truncation at max_length cuts into the final answer of (data validate's rule)."""
-    from dreamtune.data import encode_batches
-    from dreamtune.data_validate import _char_to_token, answer_span
-
-    lost = 0
-    for start, p, r in encode_batches(tokenizer, prompts, responses):
-        for j, prompt_ids in enumerate(p.input_ids):
-            span = answer_span(responses[start + j])
-            if span is not None and len(prompt_ids) + _char_to_token(tokenizer, r, j, responses[start + j], span[1] - 1) >= max_length:
-                lost += 1
-    return lost
-
-
-def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle: bool):
-    """The micro-batches (lists of examples) this rank trains on at optimizer step `step`."""
-    spe, gbs, micro = plan["steps_per_epoch"], plan["global_batch"], plan["micro_batch"]
+    spe, gbs, micro, world = plan["steps_per_epoch"], plan["global_batch"], plan["micro_batch"], plan["world_size"]
     epoch, i = divmod(step, spe)
-    order = torch.randperm(len(examples), generator=step_generator(seed, 7, epoch)) if shuffle else torch.arange(len(examples))
+    order = torch.randperm(len(examples), generator=step_generator(seed, 7, epoch)) if data.shuffle else torch.arange(len(examples))
     batch = order[i * gbs:(i + 1) * gbs].tolist()  # [global batch] row indices
-    per_rank = plan["grad_accum"] * micro
-    mine = batch[rank * per_rank:(rank + 1) * per_rank]
-    return [[examples[j] for j in mine[k:k + micro]] for k in range(0, per_rank, micro)]
+    if not data.micro_batch_tokens:
+        per_rank = plan["grad_accum"] * micro
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        return [(rank * plan["grad_accum"] + k // micro, [examples[j] for j in mine[k:k + micro]], plan["grad_accum"])
+                for k in range(0, per_rank, micro)]
+    rows = [examples[j] for j in batch]
+    cutoff = data.perbatch_cutoff_type if data.perbatch_cutoff else None
+    groups = group_by_tokens(rows, data.micro_batch_tokens, max_length=data.max_length, cutoff_type=cutoff, packing=data.packing)
+    out = [(j, [rows[x] for x in g], gbs / (len(g) * world)) for j, g in enumerate(groups) if j % world == rank]
+    while len(out) < math.ceil(len(groups) / world):
+        out.append((len(groups), [rows[x] for x in groups[0]], math.inf))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -278,9 +225,10 @@ def train(cfg) -> Path:
                                                                 "train": train_counts, "val": val_counts}})
     D.barrier()
     setup_logging(run_dir, dev.is_main)
+    layout = (f"rows in micro-batches of at most {cfg.data.micro_batch_tokens} tokens over {dev.world} process(es)"
+              if cfg.data.micro_batch_tokens else f"= {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation")
     LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
-             f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
-             f"device {dev.device}")
+             f"global batch {plan['global_batch']} {layout}, device {dev.device}")
     for what, counts in (("train", train_counts), ("val", val_counts)):
         if counts is not None:
             LOG.info(truncation_line(what, counts, cfg))
@@ -335,24 +283,25 @@ def train(cfg) -> Path:
             t0 = time.time()
             totals = torch.zeros(2, device=dev.device)  # [loss, ce] summed over micro-batches (no sync per micro-batch)
             counts = [0.0, 0.0, 0.0]  # [masked, tokens, model FLOPs]
-            for k, examples in enumerate(micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data.shuffle)):
-                # seeded by the micro-batch's place in the global batch, so that N ranks draw what one would
-                mb = dev.rank * plan["grad_accum"] + k
+            for mb, examples, divisor in micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data):
                 cpu_batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb))
-                counts[1] += cpu_batch.n_tokens
-                counts[2] += flops_of(cpu_batch)
                 batch = cpu_batch.to(dev.device)
                 if cfg.model.lora_dropout > 0:  # peft's dropout draws from the global generators: seed them too
                     torch.manual_seed(step_generator(seed, step, mb, 2).initial_seed())
                 with ctx:
                     loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
-                (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
-                totals += torch.stack([loss.detach().float(), ce.detach().float()])
+                if math.isinf(divisor):  # a filler: the same calls, no weight
+                    (loss * 0.0).backward()
+                    continue
+                (loss / divisor).backward()  # see micro_batches: every row of the global batch weighs the same
+                totals += torch.stack([loss.detach().float(), ce.detach().float()]) / divisor
                 counts[0] += float(n_masked)
+                counts[1] += cpu_batch.n_tokens
+                counts[2] += flops_of(cpu_batch)
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
             totals = D.all_reduce_sum(torch.cat([totals, torch.tensor(counts, device=dev.device)]))
-            loss_val = float(totals[0]) / (plan["grad_accum"] * dev.world)
+            loss_val = float(totals[0]) / dev.world
             if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)):
                 raise FloatingPointError(
                     f"loss is {loss_val} (grad norm {float(grad_norm)}) at step {step + 1}; stopping. The last good "
@@ -369,7 +318,7 @@ def train(cfg) -> Path:
             done = step + 1
             ran += 1
             mon.log(done, {"epoch": round(done / plan["steps_per_epoch"], 4), "loss": loss_val,
-                           "ce": float(totals[1]) / (plan["grad_accum"] * dev.world), "lr": lr_used,
+                           "ce": float(totals[1]) / dev.world, "lr": lr_used,
                            "grad_norm": float(grad_norm), "tokens": int(totals[3]), "masked_tokens": int(totals[2]),
                            "tokens_per_s": float(totals[3]) / dt,
                            **({"mfu": float(totals[4]) / dt / peak} if peak else {})})
@@ -410,31 +359,18 @@ def make_optimizer(params, cfg, device_type: str):
 
 
 def preflight_disk(run_dir: Path, model, lm, cfg, plan: dict, start: int, dev: D.Dist) -> dict:
-    """The sizes of this run's checkpoints against the free space of the run directory's disk, before step 1:
-    ValueError (one line) when they cannot fit, a warning when they are tight. Rank 0 decides for all."""
-    from dreamtune.checkpoint import check_disk, checkpoint_sizes, format_bytes, plan_disk
+    """The sizes of this run's checkpoints against the free space of the run directory's disk, before step 1
+    (checkpoint.preflight); rank 0 decides for all."""
+    from dreamtune.checkpoint import preflight
 
     result = None
     if dev.is_main:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in make_optimizer(params, cfg, dev.device.type).state_dict()["param_groups"]]
         try:
-            params = [p for p in model.parameters() if p.requires_grad]
-            groups = [{k: v for k, v in g.items() if k != "params"}
-                      for g in make_optimizer(params, cfg, dev.device.type).state_dict()["param_groups"]]
-            sizes = checkpoint_sizes(model, groups, trainable_only=cfg.model.lora_rank > 0,
-                                     state_dtype=torch.bfloat16 if cfg.optim.state_dtype == "bfloat16" else None,
-                                     trainer_state=trainer_state(cfg, plan), tokenizer=lm.tokenizer,
-                                     tied=bool(getattr(lm.model.config, "tie_word_embeddings", False)))
-            total, every, most = plan["total_steps"], cfg.trainer.save_checkpoint_steps, cfg.trainer.max_steps_this_run
-            end = total if most is None else min(total, start + most)
-            disk = plan_disk(run_dir, sizes, with_optimizer=cfg.trainer.save_optimizer, keep_last=cfg.trainer.keep_last,
-                             save_steps=[s for s in range(start + 1, end + 1) if s % every == 0 or s == end],
-                             final_exports=(1 + cfg.trainer.export_dream) if end == total else 0)
-            warning = check_disk(disk, keep_last=cfg.trainer.keep_last, with_optimizer=cfg.trainer.save_optimizer,
-                                 weights_bytes=sizes["weights"])
-            line = (f"checkpoints: resumable {format_bytes(sizes['resumable'])} (weights only {format_bytes(sizes['weights'])}), "
-                    f"checkpoint-final {format_bytes(sizes['final'])}; this run needs up to {format_bytes(disk['need'])} "
-                    f"of the {format_bytes(disk['free'])} free in {disk['where']}")
-            result = {**sizes, "line": line, "warning": warning}
+            result = preflight(run_dir, model, cfg, optimizer_groups=groups, trainer_state=trainer_state(cfg, plan),
+                               tokenizer=lm.tokenizer, start=start, total_steps=plan["total_steps"])
         except ValueError as e:
             result = {"error": str(e)}
     result = D.broadcast_object(result)

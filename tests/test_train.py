@@ -243,6 +243,9 @@ def test_plan_script_runs_as_written(tiny_model_dir, sft_data, tmp_path):
     ("optim.state_dtype=bf16", "'optim.state_dtype': 'bf16' (choose one of float32, bfloat16)"),
     ("optim.state_dtype=fp8", "'optim.state_dtype': 'fp8' (choose one of float32, bfloat16)"),
     ("optim.state_dtype=bfloat16 optim.betas=[0.9,0.999]", "cannot decay"),
+    ("data.micro_batch_tokens=20", "at least data.max_length=40"),
+    ("data.micro_batch_tokens=400", "leave data.micro_batch_size_per_gpu at 1"),
+    ("trainer.peak_tflops=0", "trainer.peak_tflops"),
 ])
 def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, fragment, capsys):
     if override.startswith("model.partial_pretrain"):
