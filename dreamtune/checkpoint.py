@@ -291,9 +291,11 @@ def checkpoint_sizes(model, optimizer_groups: list[dict], *, trainable_only: boo
     import tempfile
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    msd = get_model_state_dict(model, options=_dcp_options(trainable_only=trainable_only))
+    # the keys and tensors DCP's get_model_state_dict gives for this plain (not yet sharded) module, without
+    # its collectives: only rank 0 runs this
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    msd = {k: v for k, v in model.state_dict().items() if not trainable_only or k in trainable}
     weights = sum(v.numel() * v.element_size() for v in msd.values())
     moments = sum(2 * v.numel() * (state_dtype or v.dtype).itemsize for v in msd.values())
     skeleton_model = {k: torch.empty(0, dtype=v.dtype) for k, v in msd.items()}
@@ -382,7 +384,8 @@ def preflight(run_dir: Path, model, cfg, *, optimizer_groups: list[dict], traine
     disk = plan_disk(run_dir, sizes, with_optimizer=t.save_optimizer, keep_last=t.keep_last,
                      save_steps=[s for s in range(start + 1, end + 1) if s % t.save_checkpoint_steps == 0 or s == end],
                      final_exports=(1 + t.export_dream) if end == total_steps else 0)
-    warning = check_disk(disk, keep_last=t.keep_last, with_optimizer=t.save_optimizer, weights_bytes=sizes["weights"])
+    warning = check_disk(disk, keep_last=t.keep_last, with_optimizer=t.save_optimizer, weights_bytes=sizes["weights"]) \
+        if t.check_disk else None
     line = (f"checkpoints: resumable {format_bytes(sizes['resumable'])} (weights only {format_bytes(sizes['weights'])}), "
             f"checkpoint-final {format_bytes(sizes['final'])}; this run needs up to {format_bytes(disk['need'])} "
             f"of the {format_bytes(disk['free'])} free in {disk['where']}")

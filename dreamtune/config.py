@@ -131,6 +131,7 @@ class TrainerConfig:
     keep_last: int = 2  # resumable checkpoints kept (0 = all); one more exists while the newest is written
     save_optimizer: bool = True  # false: resumable checkpoints hold the weights only (resume restarts AdamW's moments)
     async_save: bool = False  # write checkpoints in the background (the state is copied to CPU memory first)
+    check_disk: bool = True  # false: no pre-flight disk check (a filesystem that misreports its free space)
     val_check_steps: int = 50  # validation cadence in optimizer steps (0 = only at the end)
     log_steps: int = 0  # console/train.log line every N steps (0: about 100 lines a run); metrics.jsonl gets every step
     export_dream: bool = False  # also write checkpoint-final-dream in Dream's format

@@ -321,7 +321,8 @@ def train(cfg) -> Path:
                            "ce": float(totals[1]) / dev.world, "lr": lr_used,
                            "grad_norm": float(grad_norm), "tokens": int(totals[3]), "masked_tokens": int(totals[2]),
                            "tokens_per_s": float(totals[3]) / dt,
-                           **({"mfu": float(totals[4]) / dt / peak} if peak else {})})
+                           **({"mfu": float(totals[4]) / dt / peak} if peak else {}),
+                           **({"peak_gib": torch.cuda.max_memory_allocated(dev.device) / 2**30} if dev.device.type == "cuda" else {})})
             last = done == plan["total_steps"]
             if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
                 mon.log(done, {"val_loss": validate(lm, val_ex, cfg, pad_id, ctx, dev)})
