@@ -7,7 +7,10 @@ position). Random state needs no saving: every random draw of a step comes from 
 (seed, step, rank, micro-batch), so a resumed run draws exactly what an uninterrupted one would.
 
 Writes are atomic: everything goes to `.checkpoint-STEP.tmp-*` and is renamed into place when complete,
-then `RUN/latest` is replaced atomically. A crash during a save leaves the previous checkpoint intact.
+then `RUN/latest` is replaced atomically. A crash during a save leaves the previous checkpoint intact; a
+failed save (a full disk) removes its temporary directory and stops the run with one line (RunError).
+`Saver` writes in the foreground or in the background (DCP async_save), with or without the optimizer
+state. Before step 1, `preflight` sizes the run's checkpoints and checks them against the free disk.
 
 The final export (`RUN/checkpoint-final/`) is a bf16 Hugging Face directory (about 15 GB for 7B, not the
 90 GB of fp32 weights plus optimizer state the upstream trainer writes); LoRA adapters are merged in.
@@ -159,11 +162,12 @@ class Saver:
                 f"{'resume with trainer.resume_training=true' if kept else 'start again'}")
 
     def _cpu_group(self):
-        """async_save runs its collectives from a thread, over a CPU backend: gloo beside NCCL."""
+        """async_save runs its collectives from a thread, over a CPU backend: a gloo group of its own, so that
+        they never interleave with the training's collectives on the default group (also gloo on CPUs)."""
         if not dist.is_initialized():
             return None
         if self._group is None:
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            self._group = dist.new_group(backend="gloo")
         return self._group
 
 
