@@ -223,7 +223,7 @@ def masked_ce(lm, overrides: list[str], device, seed: int, batches: int = 4) -> 
     cfg = load_config(None, overrides + ["diffusion.time_reweighting=none"])
     if not cfg.data.val_files:
         return None
-    val, _ = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val")
+    val, _ = load_examples(cfg.data.val_files, lm.tokenizer, cfg)
     micro = cfg.data.micro_batch_size_per_gpu
     total, n = 0.0, 0
     with torch.no_grad():

@@ -212,7 +212,7 @@ def count_rows(files) -> int | None:
     return total
 
 
-def load_examples(files, tokenizer, cfg, what: str):
+def load_examples(files, tokenizer, cfg):
     """Read rows, render them as training sees them, apply the truncation policy. Returns (examples, counts):
     counts = {"rows", "over_max_length", "truncated", "dropped", "answer_lost"}, the final answer found and
     judged lost as `dreamtune data validate` does (dreamtune/data_validate.py)."""

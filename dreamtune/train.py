@@ -184,8 +184,8 @@ def train(cfg) -> Path:
         D.check_embeddings_untied(lm.model)  # here, before the run directory exists
 
     # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
-    train_ex, train_counts = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
-    val_ex, val_counts = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val") if cfg.data.val_files else ([], None)
+    train_ex, train_counts = load_examples(cfg.data.train_files, lm.tokenizer, cfg)
+    val_ex, val_counts = load_examples(cfg.data.val_files, lm.tokenizer, cfg) if cfg.data.val_files else ([], None)
     plan = plan_steps(cfg, len(train_ex), dev.world)
     if plan["total_steps"] < MIN_STEPS_WARNING:
         LOG.warning(f"warning: this run takes only {plan['total_steps']} optimizer steps ({plan['rows']} rows, global batch "
@@ -281,8 +281,8 @@ def train(cfg) -> Path:
     try:
         for step in range(start, plan["total_steps"]):
             t0 = time.time()
-            totals = torch.zeros(2, device=dev.device)  # [loss, ce] summed over micro-batches (no sync per micro-batch)
-            counts = [0.0, 0.0, 0.0]  # [masked, tokens, model FLOPs]
+            totals = torch.zeros(3, device=dev.device)  # [loss, ce, masked] summed over micro-batches, no sync per micro-batch
+            counts = [0.0, 0.0]  # [tokens, model FLOPs], counted on the CPU
             for mb, examples, divisor in micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data):
                 cpu_batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb))
                 batch = cpu_batch.to(dev.device)
@@ -294,10 +294,9 @@ def train(cfg) -> Path:
                     (loss * 0.0).backward()
                     continue
                 (loss / divisor).backward()  # see micro_batches: every row of the global batch weighs the same
-                totals += torch.stack([loss.detach().float(), ce.detach().float()]) / divisor
-                counts[0] += float(n_masked)
-                counts[1] += cpu_batch.n_tokens
-                counts[2] += flops_of(cpu_batch)
+                totals += torch.stack([loss.detach().float() / divisor, ce.detach().float() / divisor, n_masked.float()])
+                counts[0] += cpu_batch.n_tokens
+                counts[1] += flops_of(cpu_batch)
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
             totals = D.all_reduce_sum(torch.cat([totals, torch.tensor(counts, device=dev.device)]))
