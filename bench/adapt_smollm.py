@@ -107,12 +107,13 @@ def initial_val_loss(model_dir: Path, overrides: list[str]) -> float:
     from dreamtune import distributed as D
     from dreamtune.config import load_config
     from dreamtune.models import load
-    from dreamtune.train import load_examples, validate
+    from dreamtune.examples import load_examples
+    from dreamtune.train import validate
 
     cfg = load_config(None, overrides)
     dev = D.init(cfg.trainer.device)
     lm = load(str(model_dir), dtype="fp32", device=dev.device)
-    val = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val")
+    val, _ = load_examples(cfg.data.val_files, lm.tokenizer, cfg)
     pad = cfg.data.pad_token_id if cfg.data.pad_token_id is not None else lm.tokenizer.pad_token_id
     ctx = (torch_autocast(dev) if cfg.model.dtype == "bf16" else nullcontext())
     return validate(lm, val, cfg, pad, ctx, dev)

@@ -217,12 +217,13 @@ def masked_ce(lm, overrides: list[str], device, seed: int, batches: int = 4) -> 
     import torch
 
     from dreamtune.config import load_config
-    from dreamtune.train import forward_loss, load_examples, make_batch, step_generator
+    from dreamtune.examples import load_examples
+    from dreamtune.train import forward_loss, make_batch, step_generator
 
     cfg = load_config(None, overrides + ["diffusion.time_reweighting=none"])
     if not cfg.data.val_files:
         return None
-    val = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val")
+    val, _ = load_examples(cfg.data.val_files, lm.tokenizer, cfg)
     micro = cfg.data.micro_batch_size_per_gpu
     total, n = 0.0, 0
     with torch.no_grad():

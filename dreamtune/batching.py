@@ -13,6 +13,10 @@ Cutoffs (Dream's `data.perbatch_cutoff`, per micro-batch):
 `resp_cutoff_ratio` (no per-batch cutoff): with that probability, drop a random number of trailing
 positions, fewer than the shortest response.
 
+Token budget (`data.micro_batch_tokens`): `group_by_tokens` groups the rows of a global batch, in order, into
+micro-batches whose padded size (`padded_tokens`, the bound over the cutoff's random draws) stays within
+the budget: many short rows in one forward pass, a long row alone.
+
 Packing (`data.packing`): rows are packed greedily into sequences of `max_length`; each document keeps
 its own positions and sees only itself (`doc_ids` drives the attention mask, built in
 models.document_attention_mask for the attention implementation in use, the noise and CART). A
@@ -36,6 +40,7 @@ class Batch:
     attention_mask: torch.Tensor | None = None  # [B, L] 0/1 (left pads) or None (attend to everything)
     position_ids: torch.Tensor | None = None  # [B, L] (left padding, packing) or None (0..L-1)
     packed: bool = False
+    n_docs: int = 0  # sequences drawn a noise level each (rows, or packed documents); 0 = count doc_ids
 
     def to(self, device) -> "Batch":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,7 +100,7 @@ def collate(examples: list[Example], *, max_length: int, pad_id: int, cutoff_typ
             maskable[b, P:] = True
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         doc_ids = torch.where(attn.bool(), torch.arange(B)[:, None], torch.full_like(ids, -1))
-        return Batch(ids, maskable, doc_ids, attention_mask=attn, position_ids=position_ids)
+        return Batch(ids, maskable, doc_ids, attention_mask=attn, position_ids=position_ids, n_docs=B)
 
     if cutoff_type == "random":
         k = int(torch.randint(B, (1,), generator=g))
@@ -118,16 +123,14 @@ def collate(examples: list[Example], *, max_length: int, pad_id: int, cutoff_typ
             drop = int(torch.randint(1, shortest, (1,), generator=g))
             ids, maskable = ids[:, : L - drop], maskable[:, : L - drop]
     doc_ids = torch.arange(B)[:, None].expand(ids.shape).clone()
-    return Batch(ids, maskable, doc_ids)
+    return Batch(ids, maskable, doc_ids, n_docs=B)
 
 
-def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
-    """Pack examples in order into as few rows of max_length as first-fit allows.
-    Documents never straddle rows; the tail of a row is padding that is neither attended nor trained."""
-    rows: list[list[int]] = []  # indices of examples per row
+def first_fit(lengths: list[int], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Pack lengths in order into rows of max_length, first fit: (indices per row, free room per row)."""
+    rows: list[list[int]] = []
     room: list[int] = []
-    for i, (p, r) in enumerate(examples):
-        n = len(p) + len(r)
+    for i, n in enumerate(lengths):
         assert n <= max_length, "truncate examples before packing"
         for j, free in enumerate(room):
             if n <= free:
@@ -137,6 +140,39 @@ def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
         else:
             rows.append([i])
             room.append(max_length - n)
+    return rows, room
+
+
+def padded_tokens(examples: list[Example], *, max_length: int, cutoff_type: str | None = None, packing: bool = False) -> int:
+    """The most positions (rows x length) the batch of these examples can have, whatever the random cutoff draws."""
+    p_max = max(len(p) for p, _ in examples)
+    total_max = max(len(p) + len(r) for p, r in examples)
+    if packing:
+        rows, room = first_fit([len(p) + len(r) for p, r in examples], max_length)
+        return len(rows) * max(max_length - free for free in room)
+    if cutoff_type is None:
+        return len(examples) * max_length
+    if cutoff_type == "random_with_input_pad":  # prompts left-padded to the longest, responses to one row's length
+        return len(examples) * (p_max + max(len(r) for _, r in examples))
+    return len(examples) * min(total_max, max_length)  # random, strip_padding
+
+
+def group_by_tokens(examples: list[Example], budget: int, **layout) -> list[list[int]]:
+    """Indices of `examples` in order, grouped greedily into micro-batches of at most `budget` positions
+    (padded_tokens; a row longer than the budget alone is a micro-batch of its own)."""
+    groups: list[list[int]] = []
+    for i in range(len(examples)):
+        if groups and padded_tokens([examples[j] for j in groups[-1] + [i]], **layout) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
+    """Pack examples in order into as few rows of max_length as first-fit allows.
+    Documents never straddle rows; the tail of a row is padding that is neither attended nor trained."""
+    rows, room = first_fit([len(p) + len(r) for p, r in examples], max_length)
     L = max(max_length - free for free in room)
     R = len(rows)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
@@ -153,4 +189,4 @@ def pack(examples: list[Example], *, max_length: int, pad_id: int) -> Batch:
             doc_ids[j, s:s + n] = i
             pos[j, s:s + n] = torch.arange(n)
             s += n
-    return Batch(ids, maskable, doc_ids, attention_mask=None, position_ids=pos, packed=True)
+    return Batch(ids, maskable, doc_ids, attention_mask=None, position_ids=pos, packed=True, n_docs=len(examples))

@@ -4,7 +4,9 @@ Each verb names a module and a function `main(argv: list[str]) -> int`; the modu
 when its verb runs, so `dreamtune doctor` works without the optional extras installed.
 
 User mistakes (ValueError, FileNotFoundError, a missing optional package) print one line starting with
-`error:` and exit 2, with no traceback. Set DREAMTUNE_DEBUG=1 to see the traceback anyway.
+`error:` and exit 2, with no traceback; a failure the user can act on that is not a mistake in the input
+(RunError: a full disk while saving a checkpoint) prints one line and exits 1. Set DREAMTUNE_DEBUG=1 to
+see the traceback anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ VERBS = {
     "report": ("dreamtune.report", "main", "figures, results table and examples from a run's artifacts"),
     "demo": ("dreamtune.demo", "main", "web demo: watch an answer being denoised"),
 }
+
+
+class RunError(Exception):
+    """A failure outside the user's input that the user can act on (a full disk, an I/O error while saving),
+    with its numbers and what to do: printed as one `error:` line, exit 1."""
 
 
 def _usage() -> str:
@@ -70,6 +77,10 @@ def run_main(fn, argv: list[str]) -> int:
         return int(fn(argv) or 0)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    except RunError as e:
+        if os.environ.get("DREAMTUNE_DEBUG"):
+            raise
+        return fail(str(e).strip().splitlines()[0], 1)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
             ModuleNotFoundError, MemoryError, FloatingPointError) as e:
         if os.environ.get("DREAMTUNE_DEBUG"):

@@ -60,6 +60,9 @@ class DataConfig:
     truncation: str = "error"  # error | left (cut the prompt's start) | right (cut the response's end) | drop
     train_batch_size: int = 16  # global, in rows (s1's recipe); upstream default 256 gives 9 steps on s1K
     micro_batch_size_per_gpu: int = 1
+    # group each global batch's rows into micro-batches of at most this many (padded) tokens instead of a fixed
+    # row count: short rows share a forward pass; every row still weighs 1/train_batch_size (docs/design.md)
+    micro_batch_tokens: Optional[int] = None
     perbatch_cutoff: bool = False
     perbatch_cutoff_type: str = "random"  # random | random_with_input_pad | strip_padding
     resp_cutoff_ratio: float = 0.0  # probability of applying the per-batch cutoff to a batch
@@ -134,13 +137,17 @@ class TrainerConfig:
     wandb_mode: str = "online"  # online | offline | disabled; online falls back to offline without network
     seed: int = 42
     save_checkpoint_steps: int = 1000
-    keep_last: int = 2  # resumable checkpoints kept
+    keep_last: int = 2  # resumable checkpoints kept (0 = all); one more exists while the newest is written
+    save_optimizer: bool = True  # false: resumable checkpoints hold the weights only (resume restarts AdamW's moments)
+    async_save: bool = False  # write checkpoints in the background (the state is copied to CPU memory first)
+    check_disk: bool = True  # false: no pre-flight disk check (a filesystem that misreports its free space)
     val_check_steps: int = 50  # validation cadence in optimizer steps (0 = only at the end)
     log_steps: int = 0  # console/train.log line every N steps (0: about 100 lines a run); metrics.jsonl gets every step
     export_dream: bool = False  # also write checkpoint-final-dream in Dream's format
     device: str = "auto"  # auto | cpu | cuda
     max_steps_this_run: Optional[int] = None  # stop (after saving) once this many steps ran in this process
     stage: str = "sft"  # sft (masked-diffusion SFT) | grpo (reinforcement learning after SFT: the grpo.* keys)
+    peak_tflops: Optional[float] = None  # per device, for MFU; default: 989.5 on an H100/H200 in bf16, else no MFU
 
 
 @dataclass
@@ -301,8 +308,20 @@ def validate(cfg) -> None:
                          "(set model.lora_rank, e.g. 16) or model.offload_embeddings=false")
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty; set data.train_files=path/to/train.parquet")
+    if cfg.trainer.keep_last < 0:
+        raise ValueError(f"bad value for 'trainer.keep_last': {cfg.trainer.keep_last} (0 = keep all, or a positive count)")
+    if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
+        raise ValueError(f"bad value for 'trainer.peak_tflops': {cfg.trainer.peak_tflops} (the accelerator's peak in "
+                         f"TFLOP/s, e.g. 989.5 for an H100/H200 in bf16, or null)")
     if cfg.trainer.total_training_steps is not None and cfg.trainer.total_training_steps <= 0:
         raise ValueError("bad value for 'trainer.total_training_steps': must be > 0 (or null for epochs)")
+    if cfg.data.micro_batch_tokens is not None:
+        if cfg.data.micro_batch_tokens < cfg.data.max_length:
+            raise ValueError(f"bad value for 'data.micro_batch_tokens': {cfg.data.micro_batch_tokens} (at least "
+                             f"data.max_length={cfg.data.max_length}, so that any row fits, or null)")
+        if cfg.data.micro_batch_size_per_gpu != 1:
+            raise ValueError("data.micro_batch_tokens sizes the micro-batches by tokens; leave data.micro_batch_size_per_gpu "
+                             f"at 1 (it is {cfg.data.micro_batch_size_per_gpu}) or set data.micro_batch_tokens=null")
     if cfg.data.packing and cfg.data.perbatch_cutoff:
         raise ValueError("data.packing and data.perbatch_cutoff cannot both be on; packing removes padding already")
     if cfg.trainer.stage == "grpo":

@@ -29,12 +29,13 @@ import torch
 
 from dreamtune import distributed as D
 from dreamtune.atomic import write_text
+from dreamtune.checkpoint import Saver
 from dreamtune.config import to_yaml
 from dreamtune.grpo_prompts import check_prompt_source, grade_completions, load_prompts
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.train import (export_final, lr_lambda, micro_batches, oom_message, plan_steps, save_state,
-                             step_generator)
+from dreamtune.training import (export_final, lr_lambda, micro_batches, oom_message, plan_steps, step_generator,
+                                trainer_state)
 
 ADV_EPS = 1e-4  # TRL's and d1's: a group whose rewards are all equal gets advantage 0, not 0/0
 
@@ -256,6 +257,8 @@ def train(cfg) -> Path:
 
     # 4. The loop: rollouts, then num_iterations clipped updates on them.
     mon = Monitor(run_dir, cfg, plan["total_steps"], dev.is_main, start_step=start)
+    saver = Saver(run_dir, trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last,
+                  with_optimizer=cfg.trainer.save_optimizer, background=cfg.trainer.async_save)
     gen_dev, ran = dev.device.type, 0
     # the fast sampler replays CUDA graphs: autocast must not cache bf16 weight copies that outlive the capture
     roll_ctx = torch.autocast("cuda", dtype=compute_dtype, cache_enabled=False) if compute_dtype and not dev.enabled else ctx
@@ -264,8 +267,7 @@ def train(cfg) -> Path:
             t0 = time.time()
             model.eval()  # rollouts and the old/reference log-probabilities without dropout
             batches = []
-            for k, rows in enumerate(micro_batches(prompts, step, plan, dev.rank, seed, cfg.data.shuffle)):
-                mb = dev.rank * plan["grad_accum"] + k  # the micro-batch's place in the global batch: N ranks draw as one
+            for mb, rows, _ in micro_batches(prompts, step, plan, dev.rank, seed, cfg.data):  # mb: place in the global batch
                 with roll_ctx:
                     batch = rollout(lm, rows, cfg, step_generator(seed, step, mb, 3, device=gen_dev),
                                     cuda_graphs=not dev.enabled)
@@ -328,7 +330,7 @@ def train(cfg) -> Path:
             last = done == plan["total_steps"]
             stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
             if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
-                save_state(run_dir, done, model, opt, cfg, plan)
+                saver.save(done, model, opt, trainer_state(cfg, plan))
             if stop_early and not last:
                 LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
                 return run_dir
@@ -336,6 +338,7 @@ def train(cfg) -> Path:
         raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None
     finally:
         mon.close()
+        saver.wait()  # a checkpoint written in the background is finished before the export
 
     # 6. The final export, as SFT's: a bf16 HF directory (LoRA merged) that eval, demo and generate load.
     export_final(lm, model, run_dir, cfg, dev)
@@ -376,9 +379,13 @@ def run(cfg, dry: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dreamtune.grpo` / `torchrun -m dreamtune.grpo`: `dreamtune train` with trainer.stage=grpo."""
-    from dreamtune.train import main as train_main
+    from dreamtune.config import load_config, split_argv
 
-    return train_main(list(sys.argv[1:] if argv is None else argv) + ["trainer.stage=grpo"])
+    path, overrides, flags = split_argv(list(sys.argv[1:] if argv is None else argv))
+    unknown = [f for f in flags if f != "--dry-run"]
+    if unknown:
+        raise ValueError(f"unknown option '{unknown[0]}'; options: --dry-run (everything else is key=value)")
+    return run(load_config(path, [*overrides, "trainer.stage=grpo"]), dry="--dry-run" in flags)
 
 
 if __name__ == "__main__":

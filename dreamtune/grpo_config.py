@@ -52,6 +52,9 @@ def check_grpo(cfg) -> None:
     if g.num_generations < 2:
         raise ValueError(f"bad value for 'grpo.num_generations': {g.num_generations} (GRPO compares completions of one "
                          f"prompt with each other: at least 2)")
+    if cfg.trainer.stage == "grpo" and cfg.data.micro_batch_tokens:
+        raise ValueError("data.micro_batch_tokens groups SFT rows by length; GRPO's micro-batches are "
+                         "data.micro_batch_size_per_gpu prompts (each with grpo.num_generations rollouts): unset it")
     if g.alg != "fast" and g.steps <= 0:
         raise ValueError(f"bad value for 'grpo.steps': {g.steps} (must be > 0 for grpo.alg={g.alg})")
     ranges = {"p_mask_prompt": (g.p_mask_prompt, 0.0, 1.0), "epsilon": (g.epsilon, 0.0, 1.0),

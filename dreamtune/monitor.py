@@ -16,6 +16,45 @@ from pathlib import Path
 
 LOG = logging.getLogger("dreamtune")
 
+# Dense bf16 peak of one H100 SXM / H200 (NVIDIA's datasheet figure without sparsity), in TFLOP/s.
+H100_H200_BF16_TFLOPS = 989.5
+
+
+def peak_flops(cfg, dev) -> float | None:
+    """The FLOP/s that MFU is measured against: trainer.peak_tflops per device if set, else the H100/H200
+    figure when training in bf16 on one of those; None otherwise (on the CPU, other GPUs): MFU is not logged."""
+    per_device = cfg.trainer.peak_tflops
+    if per_device is None and dev.device.type == "cuda" and cfg.model.dtype == "bf16":
+        import torch
+
+        name = torch.cuda.get_device_name(dev.device)
+        if "H200" in name or ("H100" in name and "PCIe" not in name and "NVL" not in name):
+            per_device = H100_H200_BF16_TFLOPS
+        else:
+            LOG.info(f"MFU is not logged: the peak FLOP/s of a {name} is not known here; set trainer.peak_tflops")
+    return None if per_device is None else per_device * 1e12 * dev.world
+
+
+def flop_counter(model, lora: bool):
+    """batch -> the model FLOPs of one training micro-batch, the MFU convention (no recomputation counted):
+    6 N per token (forward 2N, backward 4N; 4 N with LoRA, whose frozen weights get no weight gradient),
+    N = every parameter (embeddings and head included, as bench/train_step.py counts), plus the attention,
+    12 x layers x hidden per pair of positions that attend to each other (QK^T and AV, forward and backward):
+    every position of a padded row, the attended ones with left padding, each document of a packed row."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = sum(p.numel() for p in model.parameters())
+    per_token = (4 if lora else 6) * n
+    per_pair = 12 * inner.config.num_hidden_layers * inner.config.hidden_size
+
+    def count(batch) -> float:
+        docs = batch.doc_ids[batch.doc_ids >= 0]
+        pairs = float((torch.bincount(docs).double() ** 2).sum()) if docs.numel() else 0.0
+        return per_token * float(docs.numel()) + per_pair * pairs
+
+    return count
+
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     """Console (stderr) on rank 0, plus RUN/train.log once the run directory exists."""
@@ -110,8 +149,9 @@ class Monitor:
                                  tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=True)
         if "loss" in row and (step % self.every == 0 or step in (1, self.total)):
             eta = self._eta(step)
+            mfu = f" | MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""
             line = (f"step {step}/{self.total} | loss {row['loss']:.4f} | lr {row.get('lr', 0):.3g} | "
-                    f"grad {row.get('grad_norm', float('nan')):.3g} | {row.get('tokens_per_s', 0):,.0f} tok/s | eta {eta}")
+                    f"grad {row.get('grad_norm', float('nan')):.3g} | {row.get('tokens_per_s', 0):,.0f} tok/s{mfu} | eta {eta}")
             # the progress bar is for a terminal; the log lines are for train.log and captured consoles
             for h in LOG.handlers:
                 if isinstance(h, logging.FileHandler) or self.bar is None or self.bar.disable:

@@ -13,6 +13,7 @@ optimizer step s comes from generators seeded by (seed, s, rank, micro-batch), s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -23,118 +24,26 @@ from pathlib import Path
 import torch
 
 from dreamtune import distributed as D
-from dreamtune.atomic import write_text
+from dreamtune.atomic import write_json, write_text
 from dreamtune.config import load_config, split_argv, to_yaml
-from dreamtune.monitor import LOG, Monitor, setup_logging
+from dreamtune.examples import count_rows, load_examples, truncation_line
+from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
+from dreamtune.training import (export_final, lr_lambda, make_optimizer, micro_batches, oom_message, plan_steps,
+                                step_generator, trainer_state)
 
 MIN_STEPS_WARNING = 20
-
-
-# ----------------------------------------------------------------------------------------------- planning
-
-
-def count_rows(files) -> int | None:
-    """Rows in the training files without reading them whole (parquet metadata); None if unknown."""
-    total = 0
-    for f in files:
-        p = Path(f)
-        if not p.exists():
-            return None
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(p).metadata.num_rows
-        else:
-            from dreamtune.data import read_rows
-
-            total += len(read_rows(str(p)))
-    return total
-
-
-def plan_steps(cfg, n_rows: int, world: int) -> dict:
-    """Optimizer steps, gradient accumulation and warm-up for a run; ValueError when they do not fit."""
-    micro, gbs = cfg.data.micro_batch_size_per_gpu, cfg.data.train_batch_size
-    if gbs % (micro * world) != 0:
-        raise ValueError(
-            f"data.train_batch_size={gbs} is not a multiple of data.micro_batch_size_per_gpu={micro} x {world} "
-            f"process(es); use e.g. data.train_batch_size={max(1, gbs // (micro * world)) * micro * world}")
-    if n_rows < gbs:
-        raise ValueError(f"only {n_rows} training rows, fewer than data.train_batch_size={gbs}; lower data.train_batch_size")
-    steps_per_epoch = n_rows // gbs  # drop_last: every step sees a full global batch
-    total = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
-    return {"rows": n_rows, "world_size": world, "global_batch": gbs, "micro_batch": micro,
-            "grad_accum": gbs // (micro * world), "steps_per_epoch": steps_per_epoch, "total_steps": total,
-            "warmup_steps": int(total * cfg.optim.warmup_steps_ratio), "epochs": total / steps_per_epoch}
-
-
-def lr_lambda(cfg, total: int, warmup: int):
-    """Linear warm-up, then cosine to min_lr_ratio (or constant)."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.optim.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def step_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
-    """A generator for one (step, rank, micro-batch, ...) coordinate: resume needs no saved RNG state."""
-    g = torch.Generator(device=device)
-    mixed = seed
-    for p in parts:
-        mixed = (mixed * 1_000_003 + p + 1) % (2**63 - 1)
-    return g.manual_seed(mixed)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_examples(files, tokenizer, cfg, what: str):
-    """Read rows, render them as training sees them, apply the truncation policy."""
-    from dreamtune.batching import truncate
-    from dreamtune.data import encode_examples, read_rows
-    from dreamtune.rows import check_columns
-
-    rows = read_rows(list(files))
-    check_columns(rows, cfg.data.prompt_key, cfg.data.response_key)
-    prompts = [r[cfg.data.prompt_key] for r in rows]
-    responses = [r[cfg.data.response_key] for r in rows]
-    encoded = encode_examples(tokenizer, prompts, responses)
-    out, dropped = [], 0
-    for i, (p, r) in enumerate(encoded):
-        ex = truncate(p, r, cfg.data.max_length, cfg.data.truncation, row=i)
-        if ex is None:
-            dropped += 1
-        else:
-            out.append(ex)
-    if dropped:
-        LOG.info(f"{what}: dropped {dropped} of {len(encoded)} rows longer than data.max_length={cfg.data.max_length}")
-    return out
-
-
-def micro_batches(examples, step: int, plan: dict, rank: int, seed: int, shuffle: bool):
-    """The micro-batches (lists of examples) this rank trains on at optimizer step `step`."""
-    spe, gbs, micro = plan["steps_per_epoch"], plan["global_batch"], plan["micro_batch"]
-    epoch, i = divmod(step, spe)
-    order = torch.randperm(len(examples), generator=step_generator(seed, 7, epoch)) if shuffle else torch.arange(len(examples))
-    batch = order[i * gbs:(i + 1) * gbs].tolist()  # [global batch] row indices
-    per_rank = plan["grad_accum"] * micro
-    mine = batch[rank * per_rank:(rank + 1) * per_rank]
-    return [[examples[j] for j in mine[k:k + micro]] for k in range(0, per_rank, micro)]
 
 
 # ----------------------------------------------------------------------------------------------- the step
 
 
 def forward_loss(lm, batch, cfg, generator: torch.Generator):
-    """Noise the batch, run the model, return (loss, mean CE, masked count). One micro-batch."""
+    """Noise the batch, run the model, return (loss, mean CE, masked count as a tensor). One micro-batch."""
     from dreamtune.diffusion import LLADA_EPS, head_loss, llada_weights, mask_tokens, position_weights, sample_t
 
     llada = cfg.diffusion.objective == "llada"
-    n_docs = int(batch.doc_ids.max()) + 1
+    n_docs = batch.n_docs or int(batch.doc_ids.max()) + 1  # known on the CPU: no wait for the GPU
     t_doc = sample_t(n_docs, generator, LLADA_EPS if llada else cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
     t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
     noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
@@ -147,7 +56,7 @@ def forward_loss(lm, batch, cfg, generator: torch.Generator):
                                    doc_ids=batch.doc_ids if batch.packed else None)
     loss, ce = head_loss(lm.model.get_output_embeddings(), h, batch.input_ids[masked], weights,
                          focal=cfg.diffusion.token_reweighting, alpha=cfg.diffusion.alpha, gamma=cfg.diffusion.gamma)
-    return loss, ce, int(masked.sum())
+    return loss, ce, masked.sum()
 
 
 def make_batch(examples, cfg, pad_id: int, generator: torch.Generator):
@@ -212,40 +121,15 @@ def train(cfg) -> Path:
         D.check_embeddings_untied(lm.model)  # here, before the run directory exists
 
     # 2. Data, rendered exactly as validation (`dreamtune data validate`) counts it.
-    train_ex = load_examples(cfg.data.train_files, lm.tokenizer, cfg, "train")
-    val_ex = load_examples(cfg.data.val_files, lm.tokenizer, cfg, "val") if cfg.data.val_files else []
+    train_ex, train_counts = load_examples(cfg.data.train_files, lm.tokenizer, cfg)
+    val_ex, val_counts = load_examples(cfg.data.val_files, lm.tokenizer, cfg) if cfg.data.val_files else ([], None)
     plan = plan_steps(cfg, len(train_ex), dev.world)
     if plan["total_steps"] < MIN_STEPS_WARNING:
         LOG.warning(f"warning: this run takes only {plan['total_steps']} optimizer steps ({plan['rows']} rows, global batch "
                     f"{plan['global_batch']}, {cfg.trainer.total_epochs} epochs); lower data.train_batch_size or raise "
                     f"trainer.total_epochs for real training")
 
-    # 3. The run directory: resume from it, or start it fresh.
-    resume_from = None
-    if cfg.trainer.resume_training or cfg.trainer.resume_path:
-        from dreamtune.checkpoint import STATE, latest_checkpoint
-
-        resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
-        if resume_from is None:
-            LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
-        elif not (resume_from / STATE).exists():
-            raise ValueError(f"'{resume_from}' is not a complete dreamtune checkpoint (no {STATE}); point "
-                             f"trainer.resume_path at a checkpoint-STEP directory")
-    if dev.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
-            write_text(run_dir / "config.yaml", to_yaml(cfg))
-    D.barrier()
-    setup_logging(run_dir, dev.is_main)
-    if dev.is_main:  # the data's validation report travels with the run: `dreamtune report RUN` shows it
-        from dreamtune.validation_files import copy_data_validation
-
-        copy_data_validation(cfg.data.train_files, cfg.data.max_length, run_dir)
-    LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
-             f"global batch {plan['global_batch']} = {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation, "
-             f"device {dev.device}")
-
-    # 4. Trainable parameters: LoRA adapters or everything.
+    # 3. Trainable parameters: LoRA adapters or everything.
     model = lm.model
     if cfg.model.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -255,6 +139,45 @@ def train(cfg) -> Path:
             torch.manual_seed(cfg.trainer.seed)
             model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                                      lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+
+    # 4. The run directory: resume from it, or start it fresh; its checkpoints must fit the disk.
+    from dreamtune.checkpoint import STATE, Saver, latest_checkpoint
+
+    resume_from, start = None, 0
+    if cfg.trainer.resume_training or cfg.trainer.resume_path:
+        resume_from = Path(cfg.trainer.resume_path) if cfg.trainer.resume_path else latest_checkpoint(run_dir)
+        if resume_from is None:
+            LOG.info(f"trainer.resume_training: no checkpoint in {run_dir}; starting from step 0")
+        elif not (resume_from / STATE).exists():
+            raise ValueError(f"'{resume_from}' is not a complete dreamtune checkpoint (no {STATE}); point "
+                             f"trainer.resume_path at a checkpoint-STEP directory")
+        else:
+            start = int(json.loads((resume_from / STATE).read_text())["step"])
+    sizes = preflight_disk(run_dir, model, lm, cfg, plan, start, dev)  # ValueError before anything is written
+    if dev.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+            write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_json(run_dir / "data_summary.json", {"truncation": {"policy": cfg.data.truncation, "max_length": cfg.data.max_length,
+                                                                "train": train_counts, "val": val_counts}})
+    D.barrier()
+    setup_logging(run_dir, dev.is_main)
+    if dev.is_main:  # the data's validation report travels with the run: `dreamtune report RUN` shows it
+        from dreamtune.validation_files import copy_data_validation
+
+        copy_data_validation(cfg.data.train_files, cfg.data.max_length, run_dir)
+    layout = (f"rows in micro-batches of at most {cfg.data.micro_batch_tokens} tokens over {dev.world} process(es)"
+              if cfg.data.micro_batch_tokens else f"= {plan['micro_batch']} x {dev.world} x {plan['grad_accum']} accumulation")
+    LOG.info(f"dreamtune train: {plan['rows']} rows, {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch), "
+             f"global batch {plan['global_batch']} {layout}, device {dev.device}")
+    for what, counts in (("train", train_counts), ("val", val_counts)):
+        if counts is not None:
+            LOG.info(truncation_line(what, counts, cfg))
+    LOG.info(sizes["line"])
+    if sizes["warning"]:
+        LOG.warning(sizes["warning"])
+
+    # 5. Memory and speed: recomputation, compiled layers, FSDP2 or one device.
     if cfg.model.enable_gradient_checkpointing:
         D.apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     if cfg.model.compile and dev.device.type == "cuda":
@@ -272,47 +195,53 @@ def train(cfg) -> Path:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # 5. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
-    if cfg.optim.state_dtype == "bfloat16":  # moments in bf16, fp32 maths: 8 bytes per parameter less
-        opt = AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                    state_dtype=torch.bfloat16)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay, fused=dev.device.type == "cuda")
+    # 6. Optimizer and schedule (Dream's: AdamW (0.9, 0.95), wd 0.01, cosine with 10% warm-up, clip 1.0).
+    opt = make_optimizer(params, cfg, dev.device.type)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan["total_steps"], plan["warmup_steps"]))
-    start = 0
     if resume_from is not None:
         from dreamtune.checkpoint import load_resumable
 
+        t0 = time.time()
         state = load_resumable(resume_from, model, opt, trainable_only=cfg.model.lora_rank > 0)
         if dev.is_main:
             write_text(run_dir / "config.yaml", to_yaml(cfg))
-        start = int(state["step"])
         sched.last_epoch = start - 1  # LambdaLR recomputes the factor from the step
         sched.step()
-        LOG.info(f"resumed from {resume_from} at step {start}")
+        LOG.info(f"resumed from {resume_from} at step {start} in {time.time() - t0:.1f}s")
+        if not state.get("optimizer_state", True):
+            LOG.info(f"{resume_from.name} holds the weights only (saved with trainer.save_optimizer=false): the AdamW "
+                     f"moments restart from zero at step {start}")
 
-    # 6. The loop.
+    # 7. The loop.
     mon = Monitor(run_dir, cfg, plan["total_steps"], dev.is_main, start_step=start)
+    saver = Saver(run_dir, trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last,
+                  with_optimizer=cfg.trainer.save_optimizer, background=cfg.trainer.async_save, sizes=sizes)
+    peak = peak_flops(cfg, dev)  # FLOP/s of all the run's accelerators, or None (MFU not logged)
+    flops_of = flop_counter(model, lora=cfg.model.lora_rank > 0)
     seed, ran = cfg.trainer.seed, 0
     try:
         for step in range(start, plan["total_steps"]):
             t0 = time.time()
-            totals = torch.zeros(4, device=dev.device)  # [loss, ce, masked, tokens] summed over micro-batches
-            for k, examples in enumerate(micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data.shuffle)):
-                # seeded by the micro-batch's place in the global batch, so that N ranks draw what one would
-                mb = dev.rank * plan["grad_accum"] + k
-                batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb)).to(dev.device)
+            totals = torch.zeros(3, device=dev.device)  # [loss, ce, masked] summed over micro-batches, no sync per micro-batch
+            counts = [0.0, 0.0]  # [tokens, model FLOPs], counted on the CPU
+            for mb, examples, divisor in micro_batches(train_ex, step, plan, dev.rank, seed, cfg.data):
+                cpu_batch = make_batch(examples, cfg, pad_id, step_generator(seed, step, mb))
+                batch = cpu_batch.to(dev.device)
                 if cfg.model.lora_dropout > 0:  # peft's dropout draws from the global generators: seed them too
                     torch.manual_seed(step_generator(seed, step, mb, 2).initial_seed())
                 with ctx:
                     loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
-                (loss / plan["grad_accum"]).backward()  # each micro-batch normalised by its own masked count
-                totals += torch.tensor([loss.item(), ce.item(), n_masked, batch.n_tokens], device=dev.device)
+                if math.isinf(divisor):  # a filler: the same calls, no weight
+                    (loss * 0.0).backward()
+                    continue
+                (loss / divisor).backward()  # see micro_batches: every row of the global batch weighs the same
+                totals += torch.stack([loss.detach().float() / divisor, ce.detach().float() / divisor, n_masked.float()])
+                counts[0] += cpu_batch.n_tokens
+                counts[1] += flops_of(cpu_batch)
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-            D.all_reduce_sum(totals)
-            loss_val = float(totals[0]) / (plan["grad_accum"] * dev.world)
+            totals = D.all_reduce_sum(torch.cat([totals, torch.tensor(counts, device=dev.device)]))
+            loss_val = float(totals[0]) / dev.world
             if not math.isfinite(loss_val) or not math.isfinite(float(grad_norm)):
                 raise FloatingPointError(
                     f"loss is {loss_val} (grad norm {float(grad_norm)}) at step {step + 1}; stopping. The last good "
@@ -329,15 +258,17 @@ def train(cfg) -> Path:
             done = step + 1
             ran += 1
             mon.log(done, {"epoch": round(done / plan["steps_per_epoch"], 4), "loss": loss_val,
-                           "ce": float(totals[1]) / (plan["grad_accum"] * dev.world), "lr": lr_used,
+                           "ce": float(totals[1]) / dev.world, "lr": lr_used,
                            "grad_norm": float(grad_norm), "tokens": int(totals[3]), "masked_tokens": int(totals[2]),
-                           "tokens_per_s": float(totals[3]) / dt})
+                           "tokens_per_s": float(totals[3]) / dt,
+                           **({"mfu": float(totals[4]) / dt / peak} if peak else {}),
+                           **({"peak_gib": torch.cuda.max_memory_allocated(dev.device) / 2**30} if dev.device.type == "cuda" else {})})
             last = done == plan["total_steps"]
             if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
                 mon.log(done, {"val_loss": validate(lm, val_ex, cfg, pad_id, ctx, dev)})
             stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
             if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
-                save_state(run_dir, done, model, opt, cfg, plan)
+                saver.save(done, model, opt, trainer_state(cfg, plan))
             if stop_early and not last:
                 LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
                 return run_dir
@@ -345,50 +276,33 @@ def train(cfg) -> Path:
         raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None
     finally:
         mon.close()
+        saver.wait()  # a checkpoint written in the background is finished (and named in `latest`) before exit
 
-    # 7. The final export: bf16 HF directory (LoRA merged), optionally Dream's format too.
+    # 8. The final export: bf16 HF directory (LoRA merged), optionally Dream's format too.
     export_final(lm, model, run_dir, cfg, dev)
     LOG.info(f"done: {run_dir}/checkpoint-final (load it with dreamtune.load or AutoModelForCausalLM)")
     return run_dir
 
 
-def save_state(run_dir, step, model, opt, cfg, plan) -> None:
-    from omegaconf import OmegaConf
+def preflight_disk(run_dir: Path, model, lm, cfg, plan: dict, start: int, dev: D.Dist) -> dict:
+    """The sizes of this run's checkpoints against the free space of the run directory's disk, before step 1
+    (checkpoint.preflight); rank 0 decides for all."""
+    from dreamtune.checkpoint import preflight
 
-    from dreamtune.checkpoint import save_resumable
-
-    t0 = time.time()
-    path = save_resumable(run_dir, step, model, opt,
-                          {"seed": cfg.trainer.seed, "plan": plan, "config": OmegaConf.to_container(cfg, resolve=True)},
-                          trainable_only=cfg.model.lora_rank > 0, keep_last=cfg.trainer.keep_last)
-    LOG.info(f"saved {path} in {time.time() - t0:.1f}s")
-
-
-def export_final(lm, model, run_dir: Path, cfg, dev: D.Dist) -> None:
-    from dreamtune.checkpoint import full_state_dict, merge_lora_state_dict
-    from dreamtune.export import save_dream, save_hf
-
-    sd = full_state_dict(model)
+    result = None
     if dev.is_main:
-        sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
-        if cfg.model.lora_rank > 0:
-            sd = merge_lora_state_dict(sd, cfg.model.lora_alpha / cfg.model.lora_rank)
-        save_hf(lm, run_dir / "checkpoint-final", dtype=torch.bfloat16, state_dict=sd)
-        if cfg.trainer.export_dream:
-            save_dream(lm, run_dir / "checkpoint-final-dream", dtype=torch.bfloat16, state_dict=sd)
-    D.barrier()
-
-
-def oom_message(cfg, plan, dev, n_params: int) -> str:
-    """The memory plan in one line, and what to change, in the order that costs the least."""
-    full_bytes = 16 if cfg.optim.state_dtype == "float32" else 12  # fp32 weights + grads, two moments
-    per_gpu = n_params * (full_bytes if cfg.model.lora_rank == 0 else 2) / dev.world / 2**30
-    return (f"CUDA out of memory: micro batch {plan['micro_batch']} x {cfg.data.max_length} tokens; "
-            f"{n_params / 1e9:.2f}B parameters need ~{per_gpu:.0f} GiB per GPU for weights"
-            f"{', gradients and AdamW state (' + str(full_bytes) + ' B/param, sharded over ' + str(dev.world) + ' GPU(s))' if cfg.model.lora_rank == 0 else ' (frozen, LoRA)'}"
-            f" plus activations. Try, in order: data.micro_batch_size_per_gpu=1, model.enable_gradient_checkpointing=True, "
-            f"{'optim.state_dtype=bfloat16, ' if cfg.model.lora_rank == 0 and cfg.optim.state_dtype == 'float32' else ''}"
-            f"data.max_length={cfg.data.max_length // 2}, model.lora_rank=16, model.fsdp_config.cpu_offload=True, or more GPUs")
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in make_optimizer(params, cfg, dev.device.type).state_dict()["param_groups"]]
+        try:
+            result = preflight(run_dir, model, cfg, optimizer_groups=groups, trainer_state=trainer_state(cfg, plan),
+                               tokenizer=lm.tokenizer, start=start, total_steps=plan["total_steps"])
+        except ValueError as e:
+            result = {"error": str(e)}
+    result = D.broadcast_object(result)
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- entry

@@ -243,6 +243,9 @@ def test_plan_script_runs_as_written(tiny_model_dir, sft_data, tmp_path):
     ("optim.state_dtype=bf16", "'optim.state_dtype': 'bf16' (choose one of float32, bfloat16)"),
     ("optim.state_dtype=fp8", "'optim.state_dtype': 'fp8' (choose one of float32, bfloat16)"),
     ("optim.state_dtype=bfloat16 optim.betas=[0.9,0.999]", "cannot decay"),
+    ("data.micro_batch_tokens=20", "at least data.max_length=40"),
+    ("data.micro_batch_tokens=400", "leave data.micro_batch_size_per_gpu at 1"),
+    ("trainer.peak_tflops=0", "trainer.peak_tflops"),
 ])
 def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, fragment, capsys):
     if override.startswith("model.partial_pretrain"):
@@ -296,11 +299,12 @@ def test_oom_message_gives_the_plan_and_the_remedies():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("setting", ["optim.state_dtype=float32", "optim.state_dtype=bfloat16", "model.lora_rank=4"])
+@pytest.mark.parametrize("setting", ["optim.state_dtype=float32", "optim.state_dtype=bfloat16", "model.lora_rank=4",
+                                     "trainer.async_save=true"])
 def test_fsdp_resume_continues_exactly(tiny_model_dir, sft_data, tmp_path, setting):
     """Two FSDP2 ranks: stop after 3 of 6 steps (sharded DCP checkpoint), resume; the losses match a run
-    that never stopped. Also with AdamW moments in bf16 (dreamtune.optim on sharded DTensor parameters)
-    and with LoRA (sharded adapters only in the checkpoint)."""
+    that never stopped. Also with AdamW moments in bf16 (dreamtune.optim on sharded DTensor parameters),
+    with LoRA (sharded adapters only in the checkpoint) and with background saves (DCP async_save)."""
     extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=3",
              setting]
     _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "whole", *extra), tmp_path)
