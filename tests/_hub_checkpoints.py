@@ -125,16 +125,16 @@ def llada_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def llada_download(layout: Path, out: Path, seed: int = 0) -> Path:
+def llada_download(layout: Path, out: Path, seed: int = 0, shape: dict | None = None) -> Path:
     """The LLaDA layout's files with config.json's shape keys shrunk, and random weights under LLaDA's names in
-    the shards the real index names them in."""
+    the shards the real index names them in. shape: LLaDA config keys replacing LLADA_TINY's (e.g. n_layers)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
     for f in layout.iterdir():
         shutil.copyfile(f, out / f.name)
     cfg = json.loads((out / "config.json").read_text())
-    cfg.update(LLADA_TINY)
+    cfg.update(LLADA_TINY, **(shape or {}))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     g = torch.Generator().manual_seed(seed)
     sd = {}
