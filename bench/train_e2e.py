@@ -76,7 +76,9 @@ def build_model(d: Path, shape: dict, shared: Path) -> None:
     """A random Dream-format checkpoint of `shape` (bf16) with the Dream tokenizer; kept if already there."""
     import torch
 
-    from dreamtune.models import load_tokenizer, new_model, save_dream
+    from dreamtune.export import save_dream
+    from dreamtune.models import new_model
+    from dreamtune.tokenizer import load_tokenizer
     from transformers import Qwen2Config
 
     marker = d / "bench_shape.json"

@@ -87,8 +87,14 @@ def build(shape: dict, device, dtype=torch.float32, attn="sdpa", seed: int = 0, 
                       rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
                       tie_word_embeddings=False, attn_implementation=attn, **config)
     cfg.is_causal = False
+    return materialise(Qwen2ForCausalLM, cfg, device, dtype, seed)
+
+
+def materialise(model_cls, cfg, device, dtype=torch.float32, seed: int = 0):
+    """model_cls(cfg) with random weights (fill_random_), allocated directly on the device: built on meta,
+    cast there, then to_empty and initialised in place (seconds for 8B parameters instead of minutes)."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg).to(dtype)  # cast on meta: the device never holds another copy
+        model = model_cls(cfg).to(dtype)  # cast on meta: the device never holds another copy
     model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -162,9 +168,12 @@ VARIANTS = {
 }
 
 
-def setup_variant(name: str, shape: dict, B: int, L: int, device):
+def setup_variant(name: str, shape: dict, B: int, L: int, device, model_fn=None, shift: bool = True,
+                  mask_id: int | None = None, overrides: tuple[str, ...] = ()):
     """(step, n_params, phases): one training step of the variant as a closure over its model, optimizer
-    and batch; phases (a dict or None) collects the peak memory and time after each phase of a step."""
+    and batch; phases (a dict or None) collects the peak memory and time after each phase of a step.
+    Another architecture (bench/llada.py): model_fn(shape, device, dtype=...) builds it, shift and mask_id
+    describe it, overrides are trainer settings (e.g. "diffusion.objective=llada")."""
     from dreamtune import distributed as D
     from dreamtune.optim import AdamW, clip_coefficient
 
@@ -173,7 +182,7 @@ def setup_variant(name: str, shape: dict, B: int, L: int, device):
     torch._dynamo.reset()  # no compiled graph from an earlier variant (another memory budget) is reused
     torch._functorch.config.activation_memory_budget = v.get("budget", 1.0)
     lora = v.get("lora", False)
-    model = build(shape, device, dtype=torch.bfloat16 if lora and cuda else torch.float32)
+    model = (model_fn or build)(shape, device, dtype=torch.bfloat16 if lora and cuda else torch.float32)
     if cuda:  # the peak of building (fp32 before the bf16 cast) is not the step's
         gc.collect()
         torch.cuda.empty_cache()
@@ -209,8 +218,9 @@ def setup_variant(name: str, shape: dict, B: int, L: int, device):
         opt = AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=torch.bfloat16)
     else:
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
-    cfg = OmegaConf.structured(TrainConfig)
-    lm = DiffusionLM(model=model, tokenizer=None, mask_token_id=MASK_ID % shape["vocab_size"], shift=True)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(list(overrides)))
+    mask_id = MASK_ID % shape["vocab_size"] if mask_id is None else mask_id
+    lm = DiffusionLM(model=model, tokenizer=None, mask_token_id=mask_id, shift=shift)
     g = torch.Generator(device=device).manual_seed(0)
     rows = make_rows(B, L, shape["vocab_size"], torch.Generator().manual_seed(1))
     batch = collate(rows, max_length=L, pad_id=0).to(device)
@@ -247,11 +257,12 @@ def setup_variant(name: str, shape: dict, B: int, L: int, device):
     return step, n, phases
 
 
-def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, iters: int) -> dict:
+def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, iters: int, **setup) -> dict:
+    """Time `warmup` + `iters` steps of a variant (setup: setup_variant's keyword arguments)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    step, n, phases = setup_variant(name, shape, B, L, device)
+    step, n, phases = setup_variant(name, shape, B, L, device, **setup)
     try:
         times = time_steps(step, warmup, iters, device)
         med = sorted(times)[len(times) // 2]

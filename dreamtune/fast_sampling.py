@@ -15,7 +15,8 @@
   bidirectional model they depend on the block's tokens): that is the approximation. `dual_cache=True`
   also caches the masked suffix, so a step runs only [last prefix position, end of block).
   The window starts one position early because of Dream's shift: the first block position is scored
-  from the output at the position before it.
+  from the output at the position before it. A model that does not shift (LLaDA) scores each block
+  position from its own output; that extra column is then context only.
 - Early stop: once a row finishes a block holding one of the model's stop tokens (`DiffusionLM.stop_ids`:
   every eos id, pad, a chat turn's end), the rest of its canvas is filled with pad and it needs no more
   decisions; generation ends when every row has. The answer, cut at its first stop token, is unchanged.
@@ -27,7 +28,7 @@ order of keys, matter to bidirectional attention. On a GPU each of these forward
 shape has been seen twice (the dual cache's shapes are the same for every block), so a batch-1 step costs
 one launch instead of hundreds (`cuda_graphs=False` turns that off).
 
-Exactness: with use_cache=False every step runs the whole canvas (Dream's model, block-wise schedule).
+Exactness: with use_cache=False every step runs the whole canvas (the model as trained, block-wise schedule).
 With the cache, a 1-layer model gives identical tokens (layer-0 K/V depend only on the token and its
 position); deeper models differ from the uncached run by the approximation above.
 """

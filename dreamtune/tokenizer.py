@@ -80,6 +80,12 @@ def load_tokenizer(d: Path, config: dict | None = None):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"cannot read {_files(d)} ({first}); re-download the model's tokenizer files") from None
     check_tokenizer(tok, d, config or {})
+    backend = getattr(tok, "backend_tokenizer", None)
+    if getattr(tok, "clean_up_tokenization_spaces", False) and type(getattr(backend, "model", None)).__name__ == "BPE":
+        # LLaDA's tokenizer_config.json asks for it; transformers skips that clean-up for a BPE model (it would
+        # strip spaces before punctuation) and warns at every first decode. Skip it without the warning; an
+        # export writes the source's value back (save_tokenizer), so LLaDA's own code reads what it always did.
+        tok.clean_up_tokenization_spaces = False
     if tok.pad_token_id is None:  # Dream: pad == eos, and trailing pads are trained targets
         pad = ids_of((config or {}).get("pad_token_id"))
         tok.pad_token = tok.convert_ids_to_tokens(pad[0]) if pad else tok.eos_token
@@ -144,6 +150,9 @@ def save_tokenizer(tok, out: Path, source: Path | None = None) -> None:
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     if isinstance(tok.chat_template, str):
         cfg["chat_template"] = tok.chat_template
+    source_cfg = Path(source) / "tokenizer_config.json" if source is not None else None
+    if source_cfg is not None and source_cfg.is_file() and "clean_up_tokenization_spaces" in _read_json(source_cfg):
+        cfg["clean_up_tokenization_spaces"] = _read_json(source_cfg)["clean_up_tokenization_spaces"]  # see load_tokenizer
     extra = cfg.get("extra_special_tokens")
     if isinstance(extra, list) and "additional_special_tokens" not in cfg:
         cfg["additional_special_tokens"] = extra  # the name 4.46 reads

@@ -104,3 +104,49 @@ def llama3_download(out: Path, seed: int = 0) -> Path:
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 40, "eos_token_id": LLAMA3_EOS,
                                                             "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
     return out
+
+
+# LLaDA's special ids: mask, <|startoftext|>, <|endoftext|>, <|eot_id|> (the end of a chat turn)
+MASK, BOS, EOS, EOT = 126_336, 126_080, 126_081, 126_348
+LLADA_TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64)
+
+
+def llada_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a LLaDA checkpoint and its shape, from LLaDA's config keys (as LLaDA's code builds them)."""
+    d, heads, kv, m = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["mlp_hidden_size"]
+    v, hd = cfg["embedding_size"], cfg["d_model"] // cfg["n_heads"]
+    shapes = {"model.transformer.wte.weight": (v, d), "model.transformer.ln_f.weight": (d,),
+              "model.transformer.ff_out.weight": (v, d)}
+    for n in range(cfg["n_layers"]):
+        b = f"model.transformer.blocks.{n}."
+        shapes |= {b + "attn_norm.weight": (d,), b + "q_proj.weight": (heads * hd, d), b + "k_proj.weight": (kv * hd, d),
+                   b + "v_proj.weight": (kv * hd, d), b + "attn_out.weight": (d, heads * hd), b + "ff_norm.weight": (d,),
+                   b + "ff_proj.weight": (m, d), b + "up_proj.weight": (m, d), b + "ff_out.weight": (d, m)}
+    return shapes
+
+
+def llada_download(layout: Path, out: Path, seed: int = 0, shape: dict | None = None) -> Path:
+    """The LLaDA layout's files with config.json's shape keys shrunk, and random weights under LLaDA's names in
+    the shards the real index names them in. shape: LLaDA config keys replacing LLADA_TINY's (e.g. n_layers)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    for f in layout.iterdir():
+        shutil.copyfile(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(LLADA_TINY, **(shape or {}))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in llada_shapes(cfg).items():
+        if len(shape) == 1:  # norm gains near 1, distinct per module, so a swapped norm changes the logits
+            sd[name] = 1 + 0.3 * torch.randn(shape, generator=g)
+        else:
+            sd[name] = torch.randn(shape, generator=g) * (0.5 if "wte" in name else shape[1] ** -0.5)
+    real_map = json.loads((layout / "model.safetensors.index.json").read_text())["weight_map"]
+    names = {k: real_map[k] for k in sd}  # KeyError here: a name the real checkpoint does not have
+    for f in sorted(set(names.values())):
+        save_file({k: sd[k] for k in names if names[k] == f}, str(out / f), metadata={"format": "pt"})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": names}))
+    return out
