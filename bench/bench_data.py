@@ -32,9 +32,10 @@ PHRASES = ["Okay, let's see.", "Hmm, wait.", "Wait, let me check that again.", "
            "Let me think differently.", "Therefore,", "Actually,", "So, putting it together,"]
 
 
-def build_rows(n: int, tokens: int, tokenizer_dir: Path, seed: int = 0) -> tuple[list[dict], float]:
-    """s1K-1.1-schema rows whose deepseek trace is about `tokens` tokens; also the chars/token used."""
-    problems = json.loads((SHARED / "s1k" / "s1k_question_solution.json").read_text())
+def build_rows(n: int, tokens: int, tokenizer_dir: Path, seed: int = 0, shared: Path = SHARED) -> tuple[list[dict], float]:
+    """s1K-1.1-schema rows whose deepseek trace is about `tokens` tokens; also the chars/token used. `shared`:
+    the directory holding s1k/s1k_question_solution.json (the real s1K questions and solutions)."""
+    problems = json.loads((Path(shared) / "s1k" / "s1k_question_solution.json").read_text())
     sentences = [s.strip() for p in problems for s in re.split(r"(?<=[.:])\s+|\n\n", p["solution"]) if len(s.strip()) > 20]
     rng = random.Random(seed)
 

@@ -113,7 +113,7 @@ def build_data(work: Path, shared: Path, rows: int, trace_tokens: int) -> dict:
     out = {}
     s1k = work / "s1k_like.parquet"
     if not s1k.exists():
-        made, _ = build_rows(rows, trace_tokens, shared / "tokenizer-dream")
+        made, _ = build_rows(rows, trace_tokens, shared / "tokenizer-dream", shared=shared)
         write_parquet([{"prompt": r["question"], "response": f"{r['deepseek_thinking_trajectory']}\n\n{r['deepseek_attempt']}"}
                        for r in made], s1k)
     out["s1k"] = s1k
@@ -147,7 +147,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 def train(args: list[str], run: Path, timeout: float, stop_at_step: int | None) -> dict:
     """`python -m dreamtune.train ARGS`; stopped (SIGTERM) once `stop_at_step` is in metrics.jsonl."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's too
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "PYTHONPATH": path}
     t0 = time.time()
     log = open(run.parent / f"{run.name}.console.log", "w")
     p = subprocess.Popen([sys.executable, "-m", "dreamtune.train", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -287,7 +288,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             t = time.time()
             p = subprocess.run([sys.executable, "-m", "dreamtune.cli", "export", str(model), "--out", str(out)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=left)
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)}, capture_output=True, text=True, timeout=left)
             res = {"returncode": p.returncode, "wall_s": round(time.time() - t, 1),
                    "final_bytes": dir_bytes(out) if out.exists() else None, "last_line": (p.stderr or p.stdout).strip()[-300:]}
             shutil.rmtree(out, ignore_errors=True)
