@@ -15,7 +15,7 @@ $(BIN)/dreamtune: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q $(PIN) -e ".[dev]"
 	touch $@
 
-.PHONY: install quickstart test constraints
+.PHONY: install quickstart test test-fast constraints
 install: $(BIN)/dreamtune
 
 quickstart: install
@@ -23,6 +23,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: everything but the end-to-end runs of a minute or more and the multi-process ones
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not distributed"
 
 constraints:
 	rm -rf .venv-latest
