@@ -108,7 +108,7 @@ def initial_val_loss(model_dir: Path, overrides: list[str]) -> float:
     from dreamtune.config import load_config
     from dreamtune.models import load
     from dreamtune.examples import load_examples
-    from dreamtune.train import validate
+    from dreamtune.train import validation_loss
 
     cfg = load_config(None, overrides)
     dev = D.init(cfg.trainer.device)
@@ -116,7 +116,7 @@ def initial_val_loss(model_dir: Path, overrides: list[str]) -> float:
     val, _ = load_examples(cfg.data.val_files, lm.tokenizer, cfg)
     pad = cfg.data.pad_token_id if cfg.data.pad_token_id is not None else lm.tokenizer.pad_token_id
     ctx = (torch_autocast(dev) if cfg.model.dtype == "bf16" else nullcontext())
-    return validate(lm, val, cfg, pad, ctx, dev)
+    return validation_loss(lm, val, cfg, pad, ctx, dev)
 
 
 def torch_autocast(dev):

@@ -262,11 +262,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_overrides(cfg, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                               for k, v in _flatten(data).items()])
     apply_overrides(cfg, list(overrides or []))
-    validate(cfg)
+    check_values(cfg)
     return cfg
 
 
-def validate(cfg) -> None:
+def check_values(cfg) -> None:
     """Values that type checks cannot catch: choices, ranges, loggers."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)

@@ -28,7 +28,7 @@ from dreamtune.cli import parser
 MASK_GLYPH = "░"
 # Requests that pass no lock of their own take turns on this one: one generation uses the model at a time.
 _MODEL_LOCK = threading.Lock()
-ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast")
+ALGS = ("maskgit_plus", "entropy", "topk_margin", "origin", "fast", "low_confidence", "random")  # LLaDA's last
 # The shortest time the steps of one answer take on the page: a tiny model on a CPU finishes its steps
 # faster than an eye (or a browser's redraw) can follow. A large model is slower than this anyway.
 MIN_SECONDS = 1.5

@@ -56,7 +56,7 @@ def part_paths(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.samples.part-*.jsonl"))
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_samples(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (a run killed mid-write) is ignored."""
     if not path.is_file():
         return []
@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     problems, names = build_problems(args)
     order = [(p["task"], p["id"]) for p in problems]
     final = samples_path(args.out)
-    existing = read_rows(final)
+    existing = read_samples(final)
     check_config(existing, cid, str(final))
-    parts = {p: read_rows(p) for p in part_paths(args.out)}
+    parts = {p: read_samples(p) for p in part_paths(args.out)}
     for p, rows in parts.items():
         check_config(rows, cid, str(p))
     done = {(r["task"], str(r["id"])) for rows in [existing, *parts.values()] for r in rows}
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     paths = part_paths(args.out)
-    merged = merge_samples([existing, *[read_rows(p) for p in paths]], order)
+    merged = merge_samples([existing, *[read_samples(p) for p in paths]], order)
     missing = len(set(order) - {(r["task"], str(r["id"])) for r in merged})
     assert missing == 0, f"{missing} problems have no graded row after the merge"
     write_jsonl(final, merged)

@@ -163,7 +163,7 @@ def llada_config(config, ids: dict, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------- load / save
 
 
-def load_model(d: Path, cfg: dict, **extra):
+def load_llada(d: Path, cfg: dict, **extra):
     """LLaDA's weights from directory `d` (config `cfg`) in a transformers LlamaForCausalLM, is_causal False.
     `extra`: from_pretrained's keyword arguments (dtype, attn_implementation, generation_config)."""
     from transformers import LlamaForCausalLM

@@ -279,7 +279,7 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
         model = Qwen2ForCausalLM.from_pretrained(str(d), config=dream_to_qwen2_config(cfg), **extra)
         do_shift = True if shift is None else shift
     elif model_type == "llada":
-        from dreamtune.llada import load_model as load_llada
+        from dreamtune.llada import load_llada
 
         model = load_llada(d, cfg, **extra)
         do_shift = False if shift is None else shift  # LLaDA scores position i from output i

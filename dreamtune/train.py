@@ -70,7 +70,7 @@ def make_batch(examples, cfg, pad_id: int, generator: torch.Generator):
 
 
 @torch.no_grad()
-def validate(lm, val_examples, cfg, pad_id: int, ctx, dev: D.Dist) -> float:
+def validation_loss(lm, val_examples, cfg, pad_id: int, ctx, dev: D.Dist) -> float:
     """Validation loss with fixed masks and noise levels: the same draws at every evaluation."""
     lm.model.eval()
     micro = cfg.data.micro_batch_size_per_gpu
@@ -265,7 +265,7 @@ def train(cfg) -> Path:
                            **({"peak_gib": torch.cuda.max_memory_allocated(dev.device) / 2**30} if dev.device.type == "cuda" else {})})
             last = done == plan["total_steps"]
             if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
-                mon.log(done, {"val_loss": validate(lm, val_ex, cfg, pad_id, ctx, dev)})
+                mon.log(done, {"val_loss": validation_loss(lm, val_ex, cfg, pad_id, ctx, dev)})
             stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
             if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
                 saver.save(done, model, opt, trainer_state(cfg, plan))

@@ -164,12 +164,12 @@ def test_config_check_and_torn_lines(tmp_path):
         evaluate.check_config([{"config_id": "a"}, {"config_id": "b"}], "a", "f")
     p = tmp_path / "x.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}\n{"a"')
-    assert evaluate.read_rows(p) == [{"a": 1}, {"a": 2}]
+    assert evaluate.read_samples(p) == [{"a": 1}, {"a": 2}]
     evaluate.repair_tail(p)
     assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
     p.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(ValueError, match="damaged"):
-        evaluate.read_rows(p)
+        evaluate.read_samples(p)
 
 
 # --------------------------------------------------------------------------------------- local benchmark files

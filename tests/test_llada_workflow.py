@@ -152,7 +152,8 @@ def test_demo_page_is_built_for_the_tuned_model(in_root, monkeypatch):
     assert isinstance(launched["blocks"], gr.Blocks) and launched["server_name"] == "127.0.0.1"
     # what the page's Run button streams, on this model: canvases filling in, then the answer
     lm = demo.load_model("runs/parts/checkpoint-final")
-    for alg in ("maskgit_plus", "fast"):
+    assert "low_confidence" in demo.ALGS  # LLaDA's own sampler is on the page
+    for alg in ("maskgit_plus", "fast", "low_confidence"):
         frames = list(demo.denoise_stream(lm, "What is 2+2?", alg=alg, steps=8, max_new_tokens=8))
         assert frames[0][0] == demo.MASK_GLYPH * 8 and frames[-1][1].startswith("done:"), frames[-1]
         assert demo.MASK_GLYPH not in frames[-1][0]

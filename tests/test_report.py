@@ -218,3 +218,28 @@ def test_truncation_counts_of_the_run_are_shown(inputs):
     assert cli_main(["report", str(run), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "The trainer's truncation" not in md and "has no 'truncation' block: skipped" in md
+
+
+def test_the_trainers_own_truncation_counts_reach_the_report(tiny_model_dir, tmp_path):
+    """The real trainer cuts long rows (data.truncation=right) and the report says how many, and how many lost
+    their answer, from the trainer's RUN/data_summary.json (counted independently here by length)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import dreamtune
+    from dreamtune.data import encode_examples
+
+    rows = [{"prompt": f"What is {i}+{i}?", "response": "Let me think. " * (i % 5 * 3) + f"Answer: {2 * i}"} for i in range(16)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    run = tmp_path / "run"
+    assert cli_main(["train", f"model.partial_pretrain={tiny_model_dir}", f"data.train_files=[{tmp_path / 'train.parquet'}]",
+                     "data.val_files=[]", "data.max_length=60", "data.truncation=right", "data.train_batch_size=4",
+                     "data.micro_batch_size_per_gpu=2", "trainer.total_training_steps=1", "trainer.device=cpu",
+                     f"trainer.default_local_dir={run}", "trainer.logger=['console']"]) == 0
+    tok = dreamtune.load(tiny_model_dir).tokenizer
+    over = sum(len(p) + len(r) > 60 for p, r in encode_examples(tok, [r["prompt"] for r in rows], [r["response"] for r in rows]))
+    assert 0 < over < len(rows)
+    assert cli_main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"The trainer's truncation (data.truncation=right, max_length 60) train: {over} truncated" in md
+    assert f"{over} answer lost of {len(rows)} rows" in md  # each answer ends its row: every cut row loses it

@@ -14,6 +14,7 @@ prompt formats.
 
 from __future__ import annotations
 
+from dreamtune.data import DEFAULT_SYSTEM_PROMPT  # noqa: F401  (the verbs' default system turn)
 from dreamtune.tasks import competition, gpqa, gsm8k, math500
 from dreamtune.tasks.common import DATA_ENV, DEFAULT_DATA_DIR, resolve_data_dir
 from dreamtune.tasks.synthetic import SYNTHETIC_TASKS, alphabet, grade_synthetic, make_rows
@@ -28,9 +29,8 @@ TASKS = {
 }
 PROMPT_FORMATS = ("chat", "fewshot")
 
-# The system prompt dreamtune's prepared training data uses by default; evaluate a tuned model with the
-# system prompt it was trained with (the dataset manifest records it), None for no system turn.
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant. Think step by step."
+# DEFAULT_SYSTEM_PROMPT (dreamtune.data): the system prompt dreamtune's prepared training data uses by default;
+# evaluate a tuned model with the system prompt it was trained with (the dataset manifest records it).
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = (
     "Please reason step by step, and put the letter of the correct choice (A, B, C or D) within \\boxed{}."
