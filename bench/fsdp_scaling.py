@@ -69,7 +69,8 @@ def main() -> None:
 
     from dreamtune.checkpoint import load_resumable, save_resumable
     from dreamtune.config import TrainConfig
-    from dreamtune.train import forward_loss, step_generator
+    from dreamtune.diffusion import forward_loss
+    from dreamtune.training import step_generator
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU/gloo smoke run with a tiny model")
@@ -108,7 +109,7 @@ def main() -> None:
         for k, row in enumerate(mine):
             mb = d.rank * accum + k  # the micro-batch's place in the global batch: same noise at any world size
             batch = collate([row], max_length=seq, pad_id=0).to(d.device)
-            loss, _, _ = forward_loss(lm, batch, cfg, step_generator(0, step, mb, 1, device=d.device.type))
+            loss, _, _ = forward_loss(lm, batch, cfg.diffusion, step_generator(0, step, mb, 1, device=d.device.type))
             (loss / accum).backward()
             total += loss.detach()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)

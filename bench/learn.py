@@ -218,7 +218,9 @@ def masked_ce(lm, overrides: list[str], device, seed: int, batches: int = 4) -> 
 
     from dreamtune.config import load_config
     from dreamtune.examples import load_examples
-    from dreamtune.train import forward_loss, make_batch, step_generator
+    from dreamtune.diffusion import forward_loss
+    from dreamtune.train import make_batch
+    from dreamtune.training import step_generator
 
     cfg = load_config(None, overrides + ["diffusion.time_reweighting=none"])
     if not cfg.data.val_files:
@@ -230,7 +232,7 @@ def masked_ce(lm, overrides: list[str], device, seed: int, batches: int = 4) -> 
         for k in range(min(batches, math.ceil(len(val) / micro))):
             chunk = val[k * micro:(k + 1) * micro]
             batch = make_batch(chunk, cfg, lm.tokenizer.pad_token_id, step_generator(seed, 99, k)).to(device)
-            loss, _, _ = forward_loss(lm, batch, cfg, step_generator(seed, 98, k, device=device.type))
+            loss, _, _ = forward_loss(lm, batch, cfg.diffusion, step_generator(seed, 98, k, device=device.type))
             total += float(loss)
             n += 1
     return total / max(n, 1)

@@ -11,7 +11,7 @@ memory. Variants:
   naive     transformers Qwen2 (is_causal=False, sdpa), activation checkpointing, FULL logits and a float32
             cross-entropy over all positions (ignore_index outside the masked ones), fp32 weights, fused
             AdamW, bf16 autocast: the obvious way.
-  full      dreamtune's step (train.forward_loss): logits only at masked positions, chunked CE; same
+  full      dreamtune's step (diffusion.forward_loss): logits only at masked positions, chunked CE; same
             weights/optimizer/autocast; checkpointing on every layer.
   full-ac2  the same, checkpointing every other layer (less recomputation, more memory).
   full-compile  `full` with each decoder layer torch.compiled.
@@ -59,7 +59,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from dreamtune.batching import Batch, collate, pack  # noqa: E402
 from dreamtune.config import TrainConfig  # noqa: E402
 from dreamtune.models import DiffusionLM  # noqa: E402
-from dreamtune.train import forward_loss  # noqa: E402
+from dreamtune.diffusion import forward_loss  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 DREAM7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -239,7 +239,7 @@ def setup_variant(name: str, shape: dict, B: int, L: int, device, model_fn=None,
             if name == "naive":
                 loss = naive_loss(model, batch, lm.mask_token_id, g)
             else:
-                loss, _, _ = forward_loss(lm, batch, cfg, g)
+                loss, _, _ = forward_loss(lm, batch, cfg.diffusion, g)
         mark("forward")
         with record_function("phase:backward"):
             loss.backward()
@@ -328,7 +328,7 @@ def run_packing(shape: dict, device, max_length: int, rows_per_step: int, steps:
         t0 = time.perf_counter()
         for b in batches:
             with ctx:
-                loss, _, _ = forward_loss(lm, b.to(device), cfg, gd)
+                loss, _, _ = forward_loss(lm, b.to(device), cfg.diffusion, gd)
             loss.backward()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -17,7 +17,7 @@ Formats of `prepare --format` (the response text is exactly this):
   math     `problem` -> prompt, `solution` -> response, verbatim (MATH solutions end in \\boxed{}).
   generic  `--prompt-column` (default prompt; a string or a list of chat messages) and
            `--response-column` (default response), verbatim. gsm8k and math accept the two flags too.
-A system message (default: the user's plan's "You are a helpful AI assistant. Think step by step.")
+A system message (default: "You are a helpful AI assistant. Think step by step.")
 is put before the user turn unless the prompt already starts with one; `--no-system-prompt` leaves it
 out (note: ChatML templates such as Dream's then insert their own default system turn).
 

@@ -195,3 +195,24 @@ def head_loss(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, wei
         return diffusion_loss(head(h), targets, weights, focal=focal, alpha=alpha, gamma=gamma)
     loss, ce = weighted_linear_ce(h, w, targets, weights, focal=(alpha, gamma) if focal else None)
     return loss, (ce.mean() if ce.numel() else ce.sum())
+
+
+def forward_loss(lm, batch, settings, generator: torch.Generator):
+    """The objective on one micro-batch: noise it, run the model, return (loss, mean CE, masked count as a tensor).
+    `settings`: the diffusion settings (config.DiffusionConfig: objective, t_eps, time_reweighting, cart_p,
+    token_reweighting, alpha, gamma); `generator` draws the noise levels and the masks."""
+    llada = settings.objective == "llada"
+    n_docs = batch.n_docs or int(batch.doc_ids.max()) + 1  # known on the CPU: no wait for the GPU
+    t_doc = sample_t(n_docs, generator, LLADA_EPS if llada else settings.t_eps, device=batch.input_ids.device)  # [D]
+    t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
+    noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
+    h = lm.hidden_at(noisy, attention_mask=batch.attention_mask, position_ids=batch.position_ids, positions=masked,
+                     doc_ids=batch.doc_ids if batch.packed else None)  # [N, H]: only masked positions reach the head
+    if llada:
+        weights = llada_weights(t, masked, batch.maskable, batch.doc_ids)
+    else:
+        weights = position_weights(t, masked, settings.time_reweighting, settings.cart_p,
+                                   doc_ids=batch.doc_ids if batch.packed else None)
+    loss, ce = head_loss(lm.model.get_output_embeddings(), h, batch.input_ids[masked], weights,
+                         focal=settings.token_reweighting, alpha=settings.alpha, gamma=settings.gamma)
+    return loss, ce, masked.sum()

@@ -1,4 +1,4 @@
-"""`dreamtune doctor`: the environment check of the user's plan, in one table.
+"""`dreamtune doctor`: the environment check before a run (Python, torch, CUDA, GPUs, disk, extras), in one table.
 
     dreamtune doctor [--out-dir DIR]
 

@@ -92,7 +92,7 @@ class Monitor:
             return
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         loggers = list(cfg.trainer.logger)
-        # TensorBoard is cheap and the plan's monitoring step expects it: always on when installed.
+        # TensorBoard is cheap and `tensorboard --logdir RUN/tensorboard` is how runs are watched: always on when installed.
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -26,6 +26,7 @@ import torch
 from dreamtune import distributed as D
 from dreamtune.atomic import write_json, write_text
 from dreamtune.config import load_config, split_argv, to_yaml
+from dreamtune.diffusion import forward_loss
 from dreamtune.examples import count_rows, load_examples, truncation_line
 from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
@@ -36,27 +37,6 @@ MIN_STEPS_WARNING = 20
 
 
 # ----------------------------------------------------------------------------------------------- the step
-
-
-def forward_loss(lm, batch, cfg, generator: torch.Generator):
-    """Noise the batch, run the model, return (loss, mean CE, masked count as a tensor). One micro-batch."""
-    from dreamtune.diffusion import LLADA_EPS, head_loss, llada_weights, mask_tokens, position_weights, sample_t
-
-    llada = cfg.diffusion.objective == "llada"
-    n_docs = batch.n_docs or int(batch.doc_ids.max()) + 1  # known on the CPU: no wait for the GPU
-    t_doc = sample_t(n_docs, generator, LLADA_EPS if llada else cfg.diffusion.t_eps, device=batch.input_ids.device)  # [D]
-    t = t_doc[batch.doc_ids.clamp(min=0)]  # [B, L]: each sequence's own noise level
-    noisy, masked = mask_tokens(batch.input_ids, batch.maskable, t, lm.mask_token_id, generator)
-    h = lm.hidden_at(noisy, attention_mask=batch.attention_mask, position_ids=batch.position_ids, positions=masked,
-                     doc_ids=batch.doc_ids if batch.packed else None)  # [N, H]: only masked positions reach the head
-    if llada:
-        weights = llada_weights(t, masked, batch.maskable, batch.doc_ids)
-    else:
-        weights = position_weights(t, masked, cfg.diffusion.time_reweighting, cfg.diffusion.cart_p,
-                                   doc_ids=batch.doc_ids if batch.packed else None)
-    loss, ce = head_loss(lm.model.get_output_embeddings(), h, batch.input_ids[masked], weights,
-                         focal=cfg.diffusion.token_reweighting, alpha=cfg.diffusion.alpha, gamma=cfg.diffusion.gamma)
-    return loss, ce, masked.sum()
 
 
 def make_batch(examples, cfg, pad_id: int, generator: torch.Generator):
@@ -80,7 +60,7 @@ def validation_loss(lm, val_examples, cfg, pad_id: int, ctx, dev: D.Dist) -> flo
         g = step_generator(cfg.trainer.seed, 99, k)
         batch = make_batch(chunks[k], cfg, pad_id, g).to(dev.device)
         with ctx:
-            loss, _, _ = forward_loss(lm, batch, cfg, step_generator(cfg.trainer.seed, 98, k, device=dev.device.type))
+            loss, _, _ = forward_loss(lm, batch, cfg.diffusion, step_generator(cfg.trainer.seed, 98, k, device=dev.device.type))
         total += torch.stack([loss.detach().float(), torch.ones((), device=dev.device)])
     D.all_reduce_sum(total)
     lm.model.train()
@@ -230,7 +210,7 @@ def train(cfg) -> Path:
                 if cfg.model.lora_dropout > 0:  # peft's dropout draws from the global generators: seed them too
                     torch.manual_seed(step_generator(seed, step, mb, 2).initial_seed())
                 with ctx:
-                    loss, ce, n_masked = forward_loss(lm, batch, cfg, step_generator(seed, step, mb, 1, device=dev.device.type))
+                    loss, ce, n_masked = forward_loss(lm, batch, cfg.diffusion, step_generator(seed, step, mb, 1, device=dev.device.type))
                 if math.isinf(divisor):  # a filler: the same calls, no weight
                     (loss * 0.0).backward()
                     continue

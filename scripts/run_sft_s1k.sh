@@ -1,7 +1,7 @@
 #!/bin/bash
-# The user's plan's training launch, run by dreamtune. Changed from the plan: the module
-# (src.trainer.fsdp_sft_trainer -> dreamtune.train), and the `cd resp/Dream` into the upstream checkout
-# is gone, so data paths are relative to where you run it. Every override is the plan's own.
+# The s1K-1.1 SFT launch of Dream's trainer, run by dreamtune. Changed from Dream's launch line: the module
+# (src.trainer.fsdp_sft_trainer -> dreamtune.train), and no `cd` into a Dream checkout, so data paths are
+# relative to where you run it. Every override is Dream's key=value form, as written for Dream's trainer.
 #   bash scripts/run_sft_s1k.sh <nproc_per_node> <save_path> [key=value ...]
 # MODEL_PATH and DATA_DIR may be set in the environment; extra key=value arguments override anything.
 set -x

@@ -132,14 +132,14 @@ def test_training_loss_uses_the_shift():
     from dreamtune.batching import collate
     from dreamtune.config import TrainConfig
     from dreamtune.tiny import tiny_lm
-    from dreamtune.train import forward_loss
+    from dreamtune.diffusion import forward_loss
 
     lm = tiny_lm()
     cfg = OmegaConf.structured(TrainConfig)
     cfg.diffusion.time_reweighting = "none"
     batch = collate([([7, 8, 9], [10, 11, 0]), ([7, 9], [12, 0])], max_length=8, pad_id=0)
     with torch.no_grad():
-        loss, _, n = forward_loss(lm, batch, cfg, torch.Generator().manual_seed(5))
+        loss, _, n = forward_loss(lm, batch, cfg.diffusion, torch.Generator().manual_seed(5))
         # redo the draws by hand
         g = torch.Generator().manual_seed(5)
         t = sample_t(2, g)

@@ -330,7 +330,7 @@ def test_llada_sft_loss_equals_llada_formula(llada):
 
     from dreamtune.batching import collate
     from dreamtune.config import TrainConfig
-    from dreamtune.train import forward_loss
+    from dreamtune.diffusion import forward_loss
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.diffusion.objective = "llada"
@@ -341,7 +341,7 @@ def test_llada_sft_loss_equals_llada_formula(llada):
     assert answer_lengths.tolist() == [16 - 4, 16 - 2, 16 - 3]  # padded to max_length: everything after the prompt
     for seed in range(3):
         with torch.no_grad():
-            loss, _, n = forward_loss(llada, batch, cfg, torch.Generator().manual_seed(seed))
+            loss, _, n = forward_loss(llada, batch, cfg.diffusion, torch.Generator().manual_seed(seed))
             g = torch.Generator().manual_seed(seed)  # the same draws: t per row, then u per token
             t = torch.rand(3, generator=g)
             p_mask = ((1 - 1e-3) * t + 1e-3)[:, None].expand(batch.input_ids.shape)

@@ -285,7 +285,7 @@ def test_oom_message_gives_the_plan_and_the_remedies():
 
     from dreamtune.config import TrainConfig
     from dreamtune.distributed import Dist
-    from dreamtune.train import oom_message
+    from dreamtune.training import oom_message
 
     cfg = OmegaConf.structured(TrainConfig)
     msg = oom_message(cfg, {"micro_batch": 2}, Dist(world=1), 7_615_616_512)
