@@ -46,8 +46,10 @@ from dreamtune.answers import (  # noqa: F401  (re-exported: extraction and norm
     reference_answer,
 )
 from dreamtune.grading_pool import _run_pool, _worker_main  # noqa: F401  (re-exported)
+from dreamtune.tasks import SYNTHETIC_TASKS, TASKS
+from dreamtune.tasks.synthetic import final_answer, grade_synthetic
 
-TASK_NAMES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "gpqa", "generic")
+TASK_NAMES = (*TASKS, "generic")  # the task registry's names; generic: any reference, no task's rules
 STAGES = ("exact", "numeric", "math_verify", "none")
 DEFAULT_TIMEOUT = 5.0
 
@@ -111,6 +113,12 @@ def _verdict(extracted, how, stage, error=None) -> dict:
     return {"correct": stage != "none", "extracted": extracted, "stage": stage, "how": how, "error": error}
 
 
+def _synthetic_verdict(response: str | None, reference, task: str) -> dict:
+    """A synthetic task's exact grade: its Answer line equals the reference (dreamtune.tasks.synthetic)."""
+    correct = grade_synthetic(task, response or "", reference)
+    return _verdict(final_answer(response or ""), "answer_colon", "exact" if correct else "none")
+
+
 def grade(response: str | None, reference, task: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Grade one response against a reference answer, all in this process.
 
@@ -120,6 +128,8 @@ def grade(response: str | None, reference, task: str | None = None, timeout: flo
     many items or untrusted text.
     """
     task = _check_task(task)
+    if task in SYNTHETIC_TASKS:
+        return _synthetic_verdict(response, reference, task)
     ref = reference_answer(reference, task)
     extracted, how = extract_answer(response, task)
     if extracted is None:
@@ -159,6 +169,9 @@ def grade_many(
         for key in ("response", "answer"):
             if key not in row:
                 raise ValueError(f"row {i + 1} has no '{key}' field")
+        if task in SYNTHETIC_TASKS:  # exact: never math-verify
+            verdicts[i] = _synthetic_verdict(row["response"], row["answer"], task)
+            continue
         try:
             ref = reference_answer(row["answer"], task)
         except ValueError as e:

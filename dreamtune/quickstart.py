@@ -10,9 +10,9 @@ What it does, with the real pieces of dreamtune at every stage:
      (`dreamtune.data_prepare.prepare`: train/val parquet + manifest) and validates it against the base model's
      tokenizer (`dreamtune.data_validate.validate`: validation.json + validation.png);
   3. trains with the real trainer (`dreamtune.train.train`);
-  4. evaluates the base and the tuned model on held-out problems (never in the training data) with the
-     real sampler (`dreamtune.engine.generate`) and grader (`grade_synthetic`), writes eval results and
-     a base-vs-tuned comparison in the formats of docs/artifacts.md;
+  4. evaluates the base and the tuned model on held-out problems (never in the training data, written as a
+     benchmark file eval_data/<task>/test.jsonl) with `dreamtune eval` and `dreamtune compare` themselves
+     (the synthetic task is a registered task: bare-question prompts, exact grading);
   5. writes the report (`dreamtune report`: report.md, report.html, PNG figures).
 
 Everything lands under --out (layout in docs/quickstart.md); the last lines printed say where, with the
@@ -22,6 +22,8 @@ two accuracies. The same --seed gives the same data, model, training and answers
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -90,84 +92,27 @@ def unique_rows(task: str, n: int, seed: int, opts: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def evaluate_synthetic(model_dir: Path, task: str, rows: list[dict], sampler, max_new_tokens: int, seed: int,
-                       out_path: Path, batch_size: int = 50) -> dict:
-    """Generate for every row with the real sampler, grade with the real grader, write OUT (eval results)
-    and OUT.samples.jsonl in the format of docs/artifacts.md (fields about benchmark files, such as
-    data_dir, shots and config_id, are null: the problems come from the task generator); return the
-    results dict."""
-    import torch
-
-    from dreamtune.engine import decode_answer, encode_prompt, generate, left_pad, record
-    from dreamtune.models import load
-    from dreamtune.tasks.synthetic import final_answer, grade_synthetic
-
-    t0 = time.time()
-    lm = load(model_dir, dtype="fp32")
-    g = torch.Generator().manual_seed(seed)
-    samples, gen_time = [], 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        input_ids, mask = left_pad([encode_prompt(lm.tokenizer, r["prompt"], chat=True) for r in chunk],
-                                   lm.tokenizer.pad_token_id)
-        tb = time.time()
-        out = generate(lm, input_ids, mask, sampler, max_new_tokens=max_new_tokens, generator=g)
-        dt = time.time() - tb
-        gen_time += dt
-        seqs = out.sequences  # [B, P + max_new_tokens]
-        for k, r in enumerate(chunk):
-            new = seqs[k, input_ids.shape[1]:].tolist()
-            response, n_answer = decode_answer(lm, new, skip_special_tokens=True)
-            correct = grade_synthetic(task, response, r["answer"])
-            extracted = final_answer(response)
-            seen = lm.tokenizer.decode(input_ids[k][mask[k].bool()].tolist(), skip_special_tokens=False)
-            samples.append({"task": task, "id": str(start + k), "question": r["prompt"], "prompt": seen,
-                            "response": response, "answer": r["answer"], "extracted": extracted,
-                            "correct": correct, "stage": "exact" if correct else "none",
-                            "how": "exact match of the Answer line", "error": None,
-                            "answer_tokens": n_answer, "nfe": out.nfe,
-                            "time_s": round(dt, 4), "config_id": None})
-    n_ok = sum(s["correct"] for s in samples)
-    n = max(len(samples), 1)
-    samples_file = out_path.with_name(out_path.stem + ".samples.jsonl")
-    results = {
-        "model": str(model_dir),
-        "tasks": {task: {"accuracy": n_ok / n, "correct": n_ok, "total": len(samples),
-                         "by_stage": {"exact": n_ok, "numeric": 0, "math_verify": 0, "none": len(samples) - n_ok},
-                         "no_answer": sum(s["extracted"] is None for s in samples), "errors": 0,
-                         "mean_answer_tokens": sum(s["answer_tokens"] for s in samples) / n}},
-        "decoding": record(sampler, max_new_tokens),
-        "prompt_format": "chat", "system_prompt": None, "shots": None, "seed": seed, "limit": None,
-        "data_dir": None, "batch_size": batch_size, "world_size": 1, "config_id": None,
-        "time_s": round(time.time() - t0, 2), "generation_time_s": round(gen_time, 2),
-        "samples": samples_file.name, "created": _now(),
-    }
-    write_jsonl(samples_file, samples)
-    write_json(out_path, results)
-    return results
+def train_overrides(s: dict, base_dir, data_dir, run_dir, max_length: int, seed: int) -> list[str]:
+    """The trainer settings of the quickstart (configs/tiny.yaml holds the arithmetic task's: a test keeps them
+    equal): small batches and a high learning rate, for a tiny model trained from scratch."""
+    return [
+        f"model.partial_pretrain={base_dir}", "model.dtype=fp32", f"data.train_files=['{data_dir / 'train.parquet'}']",
+        f"data.val_files=['{data_dir / 'val.parquet'}']", f"data.max_length={max_length}", "data.truncation=error",
+        f"data.train_batch_size={s['batch']}", f"data.micro_batch_size_per_gpu={s['batch']}", "data.val_batches=2",
+        f"optim.lr={s['lr']}", "optim.weight_decay=0.0", "optim.warmup_steps_ratio=0.05", "optim.min_lr_ratio=0.1",
+        f"trainer.total_training_steps={s['steps']}", f"trainer.default_local_dir={run_dir}",
+        f"trainer.seed={seed}", f"trainer.save_checkpoint_steps={s['steps']}", "trainer.keep_last=1",
+        f"trainer.val_check_steps={max(1, s['steps'] // 10)}", "trainer.logger=['console']",
+        "trainer.device=cpu", "diffusion.time_reweighting=none",
+    ]
 
 
-def compare_results(base_json: Path, tuned_json: Path, out: Path) -> dict:
-    """The base-vs-tuned comparison (docs/artifacts.md) from two eval results on the same problems."""
-    def samples(p: Path):
-        return [json.loads(line) for line in p.with_name(p.stem + ".samples.jsonl").read_text().splitlines()]
-
-    base, tuned = json.loads(base_json.read_text()), json.loads(tuned_json.read_text())
-    rows = [{"prompt": b["prompt"], "answer": b["answer"], "id": b["id"], "base": b["response"], "tuned": t["response"],
-             "base_correct": b["correct"], "tuned_correct": t["correct"], "base_extracted": b["extracted"],
-             "tuned_extracted": t["extracted"]}
-            for b, t in zip(samples(base_json), samples(tuned_json))]
-    task = next(iter(tuned["tasks"]))
-    cmp = {"base": base["model"], "tuned": tuned["model"], "decoding": tuned["decoding"], "seed": tuned["seed"],
-           "prompt_format": tuned["prompt_format"], "task": task, "rows": rows,
-           "summary": {"base_accuracy": base["tasks"][task]["accuracy"],
-                       "tuned_accuracy": tuned["tasks"][task]["accuracy"]},
-           "time_s": {"base": base["generation_time_s"], "tuned": tuned["generation_time_s"]}, "created": _now()}
-    write_json(out, cmp)
-    return cmp
-
-
-# ----------------------------------------------------------------------------------------------- the run
+@contextlib.contextmanager
+def _quiet():
+    """The verbs' own output (tables, progress bars) out of the way of --quiet's one table."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = None, seed: int = 0,
@@ -176,7 +121,6 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     import torch
 
     from dreamtune.config import load_config
-    from dreamtune.engine import DreamSampler, record
     from dreamtune.data_prepare import prepare
     from dreamtune.data_validate import print_summary, validate
     from dreamtune.export import save_hf
@@ -241,16 +185,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     # 3. Training: the real trainer, small batches and a high learning rate (a tiny model from scratch).
     t0 = time.time()
     run_dir = root / "tuned"
-    overrides = [
-        f"model.partial_pretrain={base_dir}", f"data.train_files=['{data_dir / 'train.parquet'}']",
-        f"data.val_files=['{data_dir / 'val.parquet'}']", f"data.max_length={max_length}",
-        f"data.train_batch_size={s['batch']}", f"data.micro_batch_size_per_gpu={s['batch']}", "data.val_batches=2",
-        f"optim.lr={s['lr']}", "optim.weight_decay=0.0", "optim.warmup_steps_ratio=0.05", "optim.min_lr_ratio=0.1",
-        f"trainer.total_training_steps={s['steps']}", f"trainer.default_local_dir={run_dir}",
-        f"trainer.seed={seed}", f"trainer.save_checkpoint_steps={s['steps']}", "trainer.keep_last=1",
-        f"trainer.val_check_steps={max(1, s['steps'] // 10)}", "trainer.logger=['console']",
-        "trainer.device=cpu", "diffusion.time_reweighting=none",
-    ]
+    overrides = train_overrides(s, base_dir, data_dir, run_dir, max_length, seed)
     if run_dir.exists():  # a fresh run each time: metrics.jsonl appends, and an old run would mix in
         import shutil
 
@@ -260,22 +195,38 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
     train(cfg)  # copies data/validation.json into the run as data_validation.json
     timings["train"] = time.time() - t0
 
-    # 4. Evaluation of both models on the held-out problems, same decoding, same seed.
+    # 4. Evaluation of both models on the held-out problems through the real verbs (`dreamtune eval` and
+    #    `dreamtune compare`: their prompts, sampler, grader and writers), same decoding, same seed.
     t0 = time.time()
+    from dreamtune.cli import main as cli_main
+
     prompt_len = max(len(encode_example(tok, r["prompt"], "")[0]) for r in rows)
     new_tokens = max_length - prompt_len
-    sampler = DreamSampler(alg="maskgit_plus", steps=new_tokens, temperature=0.0)
+    bench_dir = root / "eval_data"  # the held-out problems as a benchmark file: DIR/<task>/test.jsonl
+    write_jsonl(bench_dir / task / "test.jsonl",
+                [{"id": str(i), "question": r["prompt"], "answer": str(r["answer"])} for i, r in enumerate(eval_rows)])
+    decoding = ["--alg", "maskgit_plus", "--steps", str(new_tokens), "--max-new-tokens", str(new_tokens),
+                "--temperature", "0", "--top-k", "0", "--top-p", "1", "--seed", str(seed), "--device", "cpu"]
     eval_dir = root / "eval"
-    evaluate_synthetic(base_dir, task, eval_rows, sampler, new_tokens, seed, eval_dir / "base.json")
-    evaluate_synthetic(run_dir / "checkpoint-final", task, eval_rows, sampler, new_tokens, seed, eval_dir / "tuned.json")
-    cmp = compare_results(eval_dir / "base.json", eval_dir / "tuned.json", root / "compare.json")
-    acc_base, acc_tuned = cmp["summary"]["base_accuracy"], cmp["summary"]["tuned_accuracy"]
+    quietly = _quiet if quiet else contextlib.nullcontext
+    for name, model in (("base", base_dir), ("tuned", run_dir / "checkpoint-final")):
+        with quietly():
+            rc = cli_main(["eval", "--model", str(model), "--tasks", task, "--data-dir", str(bench_dir),
+                           "--system-prompt", "", "--batch-size", "50", "--out", str(eval_dir / f"{name}.json"), *decoding])
+        if rc != 0:
+            raise RuntimeError(f"dreamtune eval failed with exit code {rc}")
+    with quietly():
+        rc = cli_main(["compare", "--base", str(base_dir), "--tuned", str(run_dir / "checkpoint-final"), "--task", task,
+                       "--n", str(len(eval_rows)), "--data-dir", str(bench_dir), "--system", "", "--batch-size", "50",
+                       "--out", str(root / "compare.json"), *decoding])
+    if rc != 0:
+        raise RuntimeError(f"dreamtune compare failed with exit code {rc}")
+    acc_base, acc_tuned = (json.loads((eval_dir / f"{n}.json").read_text())["tasks"][task]["accuracy"] for n in ("base", "tuned"))
     say(f"[4/5] eval on {len(eval_rows)} held-out problems: base {100 * acc_base:.0f}%, tuned {100 * acc_tuned:.0f}%")
     timings["eval"] = time.time() - t0
 
     # 5. The report, through the CLI (report is a leaf: nothing imports it).
     t0 = time.time()
-    from dreamtune.cli import main as cli_main
 
     report_dir = root / "report"
     rc = cli_main(["report", str(run_dir), "--eval", str(eval_dir / "base.json"), "--eval", str(eval_dir / "tuned.json"),
@@ -294,7 +245,7 @@ def run(out: str = DEFAULT_OUT, task: str = "arithmetic", steps: int | None = No
                   "eval_base": str(eval_dir / "base.json"), "eval_tuned": str(eval_dir / "tuned.json"),
                   "compare": str(root / "compare.json"), "report_md": str(report_dir / "report.md"),
                   "report_html": str(report_dir / "report.html")},
-        "decoding": record(sampler, new_tokens),
+        "decoding": json.loads((eval_dir / "tuned.json").read_text())["decoding"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
         "created": _now(),

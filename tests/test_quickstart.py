@@ -139,3 +139,21 @@ def test_same_seed_same_run(tmp_path):
         return pq.read_table(out / "data" / "train.parquet").to_pylist(), losses, answers
 
     assert run("a") == run("b")
+
+
+def test_tiny_yaml_is_the_quickstarts_training_config():
+    """configs/tiny.yaml (the embedded default) holds what the quickstart trains arithmetic with, paths aside."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from dreamtune.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    yaml_cfg = OmegaConf.to_container(load_config(str(repo / "configs" / "tiny.yaml"), []))
+    qs = OmegaConf.to_container(load_config(None, Q.train_overrides(
+        Q.TASKS["arithmetic"], Path("runs/quickstart/base"), Path("runs/quickstart/data"),
+        Path("runs/quickstart/tuned-by-hand"), 58, 0)))
+    for d in (yaml_cfg, qs):  # the paths differ in form only (str vs the quickstart's absolute ones)
+        d["data"].pop("train_files"), d["data"].pop("val_files")
+    assert qs == yaml_cfg

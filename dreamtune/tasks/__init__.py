@@ -15,7 +15,7 @@ prompt formats.
 from __future__ import annotations
 
 from dreamtune.data import DEFAULT_SYSTEM_PROMPT  # noqa: F401  (the verbs' default system turn)
-from dreamtune.tasks import competition, gpqa, gsm8k, math500
+from dreamtune.tasks import competition, gpqa, gsm8k, math500, synthetic
 from dreamtune.tasks.common import DATA_ENV, DEFAULT_DATA_DIR, resolve_data_dir
 from dreamtune.tasks.synthetic import SYNTHETIC_TASKS, alphabet, grade_synthetic, make_rows
 
@@ -26,6 +26,8 @@ TASKS = {
     "aime25": competition,
     "amc23": competition,
     "gpqa": gpqa,
+    "arithmetic": synthetic,  # synthetic reasoning tasks: bare questions, exact grading
+    "sudoku": synthetic,
 }
 PROMPT_FORMATS = ("chat", "fewshot")
 
@@ -42,8 +44,7 @@ CHAT_STOP = ("<|endoftext|>", "<|im_end|>")
 
 def _module(name: str):
     if name not in TASKS:
-        extra = f" (synthetic tasks {', '.join(SYNTHETIC_TASKS)} are made with tasks.synthetic.make_rows)" if name in SYNTHETIC_TASKS else ""
-        raise ValueError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}{extra}")
+        raise ValueError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -95,11 +96,13 @@ def build_prompt(
     task = task or row.get("task") or "generic"
     question = row["question"].strip()
     if fmt == "chat":
-        if instruction is None:
-            instruction = CHOICE_INSTRUCTION if task == "gpqa" else BOXED_INSTRUCTION
+        if instruction is None:  # a synthetic task's rows were trained as the bare question
+            instruction = "" if task in SYNTHETIC_TASKS else CHOICE_INSTRUCTION if task == "gpqa" else BOXED_INSTRUCTION
         content = f"{question}\n\n{instruction}" if instruction else question
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return messages + [{"role": "user", "content": content}]
+    if task in SYNTHETIC_TASKS:
+        raise ValueError(f"{task} has no few-shot format: its rows are trained as bare questions; use --prompt-format chat")
     if shots is None:
         shots = fewshot_examples(task, k)
     elif k is not None:

@@ -15,6 +15,11 @@ use a small alphabet (`alphabet(task)`) so a character-level model can learn the
       prompt "12.4\\n3..2\\n2143\\n4.21"  ->  r1c3=3 / r2c2=4 / ... / Answer: 1234 3412 2143 4321
 
 Generation is seeded (`random.Random(seed)`): the same seed gives the same rows.
+
+As benchmark tasks (`dreamtune eval --tasks arithmetic`, `compare --task sudoku`): `load` reads
+`<data_dir>/<task>/test.jsonl` (rows `{id?, question, answer}`, e.g. the held-out problems a run did not
+train on), or without a data directory makes `limit` (default 200) rows with the task's default options and
+a fixed seed. The prompt is the bare question (as the rows were trained), graded by `grade_synthetic`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import random
 import re
 
 SYNTHETIC_TASKS = ("arithmetic", "sudoku")
+NAMES = SYNTHETIC_TASKS
+FEWSHOT_K = 0  # no few-shot format: the rows are trained as bare questions
+HELD_OUT_SEED = 1_000_003  # rows made for evaluation without a file; training data is made with small seeds
+DEFAULT_EVAL_ROWS = 200
 _OPTIONS = {"arithmetic": ("op", "digits", "digits2"), "sudoku": ("blanks",)}
 _ANSWER_WORD = "Answer:"
 MAX_SUDOKU_BLANKS = 10
@@ -257,3 +266,25 @@ def grade_synthetic(task: str, response: str, answer) -> bool:
     _check_task(task)
     got = final_answer(response)
     return got is not None and got == " ".join(str(answer).split())
+
+
+def load(name: str, data_dir=None, limit: int | None = None) -> list[dict]:
+    """Benchmark rows `{"id", "task", "question", "answer"}` (see the module docstring)."""
+    from dreamtune.tasks.common import finish, local_file, pick, read_jsonl
+
+    _check_task(name)
+    if data_dir is not None:
+        path = local_file(name, data_dir)
+        raw = read_jsonl(path)
+        rows = [{"id": str(r.get("id", i)), "task": name, "question": pick(r, "question", "prompt", what="question", where=str(path)),
+                 "answer": " ".join(str(pick(r, "answer", what="answer", where=str(path))).split())} for i, r in enumerate(raw)]
+    else:
+        made = make_rows(name, DEFAULT_EVAL_ROWS if limit is None else limit, HELD_OUT_SEED)
+        rows = [{"id": str(i), "task": name, "question": r["prompt"], "answer": str(r["answer"])} for i, r in enumerate(made)]
+    return finish(rows, limit)
+
+
+def fewshot_examples(k: int, data_dir=None, seed: int = 0) -> list[dict]:
+    if k:
+        raise ValueError("synthetic tasks have no few-shot format: evaluate them with --prompt-format chat")
+    return []
