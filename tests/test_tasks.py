@@ -60,8 +60,8 @@ def test_missing_local_data_says_what_to_pass(tmp_path):
         tasks.load("math500", data_dir=tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
         tasks.load("gsm9k")
-    with pytest.raises(ValueError, match="make_rows"):
-        tasks.load("sudoku")
+    with pytest.raises(ValueError, match="sudoku/test.jsonl"):  # a synthetic task read from a folder without its file
+        tasks.load("sudoku", data_dir=tmp_path)
 
 
 def test_hub_failure_suggests_data_dir(monkeypatch):
@@ -286,3 +286,27 @@ def test_synthetic_option_errors():
         synthetic.make_rows("arithmetic", 1, None)
     assert synthetic.make_rows("arithmetic", 0, 0) == []
     assert synthetic.alphabet("sudoku") == "".join(sorted(set(synthetic.alphabet("sudoku"))))
+
+
+def test_synthetic_tasks_are_benchmarks(tmp_path):
+    """arithmetic and sudoku load like benchmarks (a file, or rows made with the held-out seed), prompt as the
+    bare question they were trained on, refuse the few-shot format, and grade exactly."""
+    import json
+
+    from dreamtune import grading, tasks
+    from dreamtune.tasks.synthetic import HELD_OUT_SEED, make_rows
+
+    made = tasks.load("arithmetic", limit=5)
+    assert [r["question"] for r in made] == [r["prompt"] for r in make_rows("arithmetic", 5, HELD_OUT_SEED)]
+    (tmp_path / "sudoku").mkdir()
+    rows = make_rows("sudoku", 3, seed=7)
+    (tmp_path / "sudoku" / "test.jsonl").write_text("".join(json.dumps({"question": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
+    loaded = tasks.load("sudoku", data_dir=tmp_path)
+    assert [(r["id"], r["question"], r["answer"]) for r in loaded] == [(str(i), r["prompt"], r["answer"]) for i, r in enumerate(rows)]
+    assert tasks.build_prompt(loaded[0], "chat", task="sudoku", system_prompt=None) == [{"role": "user", "content": rows[0]["prompt"]}]
+    with pytest.raises(ValueError, match="no few-shot format"):
+        tasks.build_prompt(loaded[0], "fewshot", task="sudoku")
+    right, wrong = rows[0]["response"], rows[0]["response"].replace("Answer:", "Answer: 9")
+    verdicts = grading.grade_many([{"response": right, "answer": rows[0]["answer"]},
+                                   {"response": wrong, "answer": rows[0]["answer"]}], "sudoku")
+    assert [v["correct"] for v in verdicts] == [True, False] and verdicts[0]["stage"] == "exact"
