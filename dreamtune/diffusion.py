@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dreamtune.fused_ce import focal_term, masked_ce, weighted_linear_ce
 import torch.nn.functional as F
 
 
@@ -117,47 +119,6 @@ def llada_weights(t: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor,
     return n / (t_pos[masked] * lengths[doc_ids[masked]] * n_docs)
 
 
-class _ChunkedCE(torch.autograd.Function):
-    """Cross-entropy of logits [N, V] against targets [N], in float32 by chunks of rows. It keeps the
-    logits in their own dtype (bf16 on a GPU) and a float32 log-sum-exp per row for the backward, where
-    F.cross_entropy on a float32 copy would keep a float32 [N, V] log-softmax: for Dream's 152k vocabulary
-    at 4,096 masked positions, 1.25 GB of bf16 logits kept instead of a 2.5 GB float32 log-softmax, and one
-    float32 chunk alive at a time."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk):
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        ce = torch.empty_like(lse)
-        for s in range(0, logits.shape[0], chunk):
-            x = logits[s:s + chunk].to(torch.float32, copy=True)  # [c, V], a copy: changed in place below
-            target_logit = x.gather(1, targets[s:s + chunk, None])[:, 0]
-            top = x.amax(-1)
-            lse[s:s + chunk] = x.sub_(top[:, None]).exp_().sum(-1).log_() + top
-            ce[s:s + chunk] = lse[s:s + chunk] - target_logit
-            del x
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk = chunk
-        return ce
-
-    @staticmethod
-    def backward(ctx, grad_ce):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            g = logits[s:s + ctx.chunk].to(torch.float32, copy=True)  # [c, V]
-            g.sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax from the forward's log-sum-exp
-            g[torch.arange(g.shape[0], device=g.device), targets[s:s + ctx.chunk]] -= 1
-            grad[s:s + ctx.chunk] = g.mul_(grad_ce[s:s + ctx.chunk, None])
-        return grad, None, None
-
-
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Per-token cross-entropy [N] in float32 of logits [N, V] (any float dtype), by chunks of rows."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, dtype=torch.float32) + logits.sum() * 0
-    return _ChunkedCE.apply(logits, targets, chunk)
-
-
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *, focal: bool = False,
                    alpha: float = 0.25, gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted masked-token loss, normalised by the number of masked tokens.
@@ -171,9 +132,7 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.T
         zero = logits.sum() * 0.0
         return zero, zero.detach()
     ce = masked_ce(logits, targets)  # [N]
-    per_token = ce
-    if focal:
-        per_token = alpha * (1 - torch.exp(-ce)) ** gamma * ce
+    per_token = focal_term(ce, (alpha, gamma)) if focal else ce
     loss = (per_token * weights.to(ce.dtype)).sum() / n
     return loss, ce.detach().mean()
 
@@ -185,8 +144,6 @@ def head_loss(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, wei
     fine-tune, where the peak is the optimizer state anyway) and FSDP's sharded head go through the module.
     h [N, H] hidden states at the masked positions (shift applied). Returns (loss, mean CE)."""
     from torch.distributed.tensor import DTensor
-
-    from dreamtune.fused_ce import weighted_linear_ce
 
     w = getattr(head, "weight", None)
     frozen_plain = (isinstance(head, torch.nn.Linear) and head.bias is None and w is not None
