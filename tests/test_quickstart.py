@@ -134,7 +134,8 @@ def test_same_seed_same_run(tmp_path):
         s = Q.run(str(tmp_path / name), steps=2, seed=5, threads=1, quiet=True)
         out = Path(s["paths"]["run"]).parent
         losses = [json.loads(x).get("loss") for x in (out / "tuned" / "metrics.jsonl").read_text().splitlines()]
-        answers = [{k: v for k, v in json.loads(x).items() if k != "time_s"}  # everything but the clock
+        # everything but the clock and config_id (a hash of the settings, the model's path among them)
+        answers = [{k: v for k, v in json.loads(x).items() if k not in ("time_s", "config_id")}
                    for x in (out / "eval" / "tuned.samples.jsonl").read_text().replace(str(out), "").splitlines()]
         return pq.read_table(out / "data" / "train.parquet").to_pylist(), losses, answers
 
