@@ -34,7 +34,7 @@ from dreamtune.config import to_yaml
 from dreamtune.grpo_prompts import check_prompt_source, grade_completions, load_prompts
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (export_final, lr_lambda, micro_batches, oom_message, plan_steps, step_generator,
+from dreamtune.training import (apply_lora, make_optimizer, export_final, lr_lambda, micro_batches, oom_message, plan_steps, step_generator,
                                 trainer_state)
 
 ADV_EPS = 1e-4  # TRL's and d1's: a group whose rewards are all equal gets advantage 0, not 0/0
@@ -218,13 +218,7 @@ def train(cfg) -> Path:
     # 3. Trainable parameters (LoRA or everything), FSDP2, the reference, optimizer and schedule: as train.py.
     model = lm.model
     if cfg.model.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.model.target_modules if isinstance(cfg.model.target_modules, str) else list(cfg.model.target_modules)
-        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
-            torch.manual_seed(seed)
-            model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
-                                                     lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+        model = apply_lora(model, cfg)
     if cfg.model.enable_gradient_checkpointing:
         D.apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     compute_dtype = torch.bfloat16 if dev.device.type == "cuda" and cfg.model.dtype == "bf16" else None
@@ -237,12 +231,7 @@ def train(cfg) -> Path:
     lm.model = model
     ref = make_reference(cfg, lm, model, dev, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim.state_dtype == "bfloat16":
-        opt = AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                    state_dtype=torch.bfloat16)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay, fused=dev.device.type == "cuda")
+    opt = make_optimizer(params, cfg, dev.device.type)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan["total_steps"], plan["warmup_steps"]))
     start = 0
     if resume_from is not None:

@@ -30,7 +30,7 @@ from dreamtune.diffusion import forward_loss
 from dreamtune.examples import count_rows, load_examples, truncation_line
 from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (export_final, lr_lambda, make_optimizer, micro_batches, oom_message, plan_steps,
+from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message, plan_steps,
                                 step_generator, trainer_state)
 
 MIN_STEPS_WARNING = 20
@@ -112,13 +112,7 @@ def train(cfg) -> Path:
     # 3. Trainable parameters: LoRA adapters or everything.
     model = lm.model
     if cfg.model.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.model.target_modules if isinstance(cfg.model.target_modules, str) else list(cfg.model.target_modules)
-        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
-            torch.manual_seed(cfg.trainer.seed)
-            model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
-                                                     lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+        model = apply_lora(model, cfg)
 
     # 4. The run directory: resume from it, or start it fresh; its checkpoints must fit the disk.
     from dreamtune.checkpoint import STATE, Saver, latest_checkpoint

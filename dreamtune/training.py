@@ -121,3 +121,15 @@ def oom_message(cfg, plan, dev, n_params: int) -> str:
             f" plus activations. Try, in order: data.micro_batch_size_per_gpu=1, model.enable_gradient_checkpointing=True, "
             f"{'optim.state_dtype=bfloat16, ' if cfg.model.lora_rank == 0 and cfg.optim.state_dtype == 'float32' else ''}"
             f"data.max_length={cfg.data.max_length // 2}, model.lora_rank=16, model.fsdp_config.cpu_offload=True, or more GPUs")
+
+
+def apply_lora(model, cfg):
+    """The model with peft's LoRA adapters (model.lora_rank, lora_alpha, lora_dropout, target_modules),
+    initialised from trainer.seed (peft draws lora_A from the global generator)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.model.target_modules if isinstance(cfg.model.target_modules, str) else list(cfg.model.target_modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.trainer.seed)
+        return get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
+                                                lora_dropout=cfg.model.lora_dropout, target_modules=targets))
