@@ -31,8 +31,12 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--out {out} is a file; choose a directory path")
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise ValueError(f"--out {out} exists and is not empty; add --overwrite to replace it, or choose another path")
+    from transformers.utils import logging as hf_logging
+
+    print(f"loading {a.src} ...", file=sys.stderr, flush=True)
     lm = load(a.src, dtype="fp32")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    hf_logging.enable_progress_bar()  # a 7B export writes ~15 GB: the shard writer's bar shows the time left
     out = {"hf": save_hf, "dream": save_dream, "llada": save_llada}[a.format](lm, a.out, dtype=dtype)
     print(f"wrote {a.format} directory {out}")
     return 0
