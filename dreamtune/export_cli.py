@@ -33,7 +33,6 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--out {out} exists and is not empty; add --overwrite to replace it, or choose another path")
     from transformers.utils import logging as hf_logging
 
-    print(f"loading {a.src} ...", file=sys.stderr, flush=True)
     lm = load(a.src, dtype="fp32")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     hf_logging.enable_progress_bar()  # a 7B export writes ~15 GB: the shard writer's bar shows the time left

@@ -213,10 +213,10 @@ def test_saved_char_tokenizer_loads_back_unchanged(tmp_path):
 
 
 def test_export_shows_its_progress(tmp_path, capsys):
-    """A 7B export writes ~15 GB: the verb says what it loads and shows the shard writer's bar."""
+    """A 7B export writes ~15 GB: the verb shows the shard writer's bar (with the time left)."""
     from dreamtune.cli import main as cli
 
     src = export.save_hf(tiny_lm(seed=0), tmp_path / "m", dtype=torch.float32)
     assert cli(["export", str(src), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
-    assert f"loading {src}" in err and "Writing model shards" in err and "1/1" in err
+    assert "Writing model shards" in err and "1/1" in err
