@@ -34,8 +34,8 @@ from dreamtune.config import to_yaml
 from dreamtune.grpo_prompts import check_prompt_source, grade_completions, load_prompts
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (apply_lora, make_optimizer, export_final, lr_lambda, micro_batches, oom_message, plan_steps, step_generator,
-                                trainer_state)
+from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message,
+                                plan_steps, save_when_due, step_generator)
 
 ADV_EPS = 1e-4  # TRL's and d1's: a group whose rewards are all equal gets advantage 0, not 0/0
 
@@ -316,12 +316,7 @@ def train(cfg) -> Path:
             if ref is not None:
                 row["kl"] = float(totals[2] / totals[3])
             mon.log(done, row)
-            last = done == plan["total_steps"]
-            stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
-            if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
-                saver.save(done, model, opt, trainer_state(cfg, plan))
-            if stop_early and not last:
-                LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
+            if save_when_due(cfg, plan, done, ran, saver, model, opt):
                 return run_dir
     except torch.cuda.OutOfMemoryError:
         raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None

@@ -30,8 +30,8 @@ from dreamtune.diffusion import forward_loss
 from dreamtune.examples import count_rows, load_examples, truncation_line
 from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message, plan_steps,
-                                step_generator, trainer_state)
+from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message,
+                                plan_steps, save_when_due, step_generator, trainer_state)
 
 MIN_STEPS_WARNING = 20
 
@@ -240,11 +240,7 @@ def train(cfg) -> Path:
             last = done == plan["total_steps"]
             if val_ex and (last or (cfg.trainer.val_check_steps and done % cfg.trainer.val_check_steps == 0)):
                 mon.log(done, {"val_loss": validation_loss(lm, val_ex, cfg, pad_id, ctx, dev)})
-            stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
-            if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
-                saver.save(done, model, opt, trainer_state(cfg, plan))
-            if stop_early and not last:
-                LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
+            if save_when_due(cfg, plan, done, ran, saver, model, opt):
                 return run_dir
     except torch.cuda.OutOfMemoryError:
         raise MemoryError(oom_message(cfg, plan, dev, sum(p.numel() for p in model.parameters()))) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dreamtune import distributed as D
+from dreamtune.monitor import LOG
 from dreamtune.optim import AdamW
 
 
@@ -133,3 +134,16 @@ def apply_lora(model, cfg):
         torch.manual_seed(cfg.trainer.seed)
         return get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                                 lora_dropout=cfg.model.lora_dropout, target_modules=targets))
+
+
+def save_when_due(cfg, plan: dict, done: int, ran: int, saver, model, opt) -> bool:
+    """After optimizer step `done` (the `ran`-th of this process): a resumable checkpoint at the cadence, at the
+    last step and before a stop after trainer.max_steps_this_run. True when the run stops here."""
+    last = done == plan["total_steps"]
+    stop_early = cfg.trainer.max_steps_this_run is not None and ran >= cfg.trainer.max_steps_this_run
+    if done % cfg.trainer.save_checkpoint_steps == 0 or last or stop_early:
+        saver.save(done, model, opt, trainer_state(cfg, plan))
+    if stop_early and not last:
+        LOG.info(f"stopping after {ran} steps (trainer.max_steps_this_run); resume with trainer.resume_training=true")
+        return True
+    return False

@@ -12,10 +12,9 @@ import torch
 
 from dreamtune import models
 from dreamtune.engine import generate
-from dreamtune.sampling_core import init_canvas
 from tests._hub_checkpoints import BOS, EOS, EOT, llada_download
 from tests.conftest import shared_or_skip
-from tests.test_sampling import left_pad, near_tie
+from tests.test_sampling import assert_agree_until_a_near_tie, left_pad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,13 +46,7 @@ def test_fast_cache_on_off_same_tokens_on_llada(llada1, blocks, dual):
     off = fast(llada1, ids, mask, use_cache=False, **kw)
     on = fast(llada1, ids, mask, use_cache=True, dual_cache=dual, **kw)
     assert len(off.history) >= 2 * blocks  # a random model's confidences are low: several reveals per block
-    before = init_canvas(llada1, ids, mask, 8 * blocks)[0]
-    for step, (a, b) in enumerate(zip(off.history, on.history)):
-        if not torch.equal(a, b):
-            assert near_tie(llada1, ids, mask, before, 8 * blocks, 8), f"cached run differs at step {step} without a tie"
-            return
-        before = a
-    assert torch.equal(on.sequences, off.sequences) and on.nfe == off.nfe
+    assert_agree_until_a_near_tie(llada1, ids, mask, off, on, 8 * blocks, 8)
 
 
 class Proposes(torch.nn.Module):
