@@ -35,11 +35,13 @@ position); deeper models differ from the uncached run by the approximation above
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from dreamtune.kv_forward import forward_columns, supports
+from dreamtune.kv_forward import GraphCache, forward_columns, supports
 from dreamtune.sampling_core import GenerateOutput, check_token_sampling, confidence_prob, init_canvas, sample_from_hidden
 
 
@@ -81,6 +83,21 @@ def block_columns(start: int, end: int, total: int, dual_cache: bool, device):
     return window, cached
 
 
+# The CUDA graphs of each model, kept with the model (weakly: they go when it goes), so that later
+# generations replay them; one GraphCache (and its lock) per model, shared by concurrent generations.
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def graph_cache(model) -> GraphCache:
+    """The fast sampler's CUDA graphs of `model` (made on first use)."""
+    with _GRAPHS_LOCK:
+        cache = _GRAPHS.get(model)
+        if cache is None:
+            cache = _GRAPHS[model] = GraphCache()
+        return cache
+
+
 def column_runner(lm, use_cache: bool, cuda_graphs: bool):
     """run(ids [B, W], pos [B, W], key_mask [B, C+W] | None, cached K/V | None, return_kv=False)
     -> hidden states [B, W, H] (and the columns' K/V): dreamtune.kv_forward, through CUDA graphs on a GPU
@@ -95,8 +112,7 @@ def column_runner(lm, use_cache: bool, cuda_graphs: bool):
     if not cuda_graphs:
         return lambda ids, pos, key_mask, cached=None, return_kv=False: forward_columns(
             model, ids, pos, key_mask, cached, return_kv)
-    graphs = lm.graph_cache
-    return lambda *args: graphs.run(model, *args)
+    return graph_cache(model).bind(model)
 
 
 def reveal_threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -126,7 +142,7 @@ def generate_fast(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     """See the module docstring. input_ids [B, P], attention_mask [B, P] (left padding)."""
     x, keys, pos = init_canvas(lm, input_ids, attention_mask, max_new_tokens)
     run = column_runner(lm, sampler.use_cache, sampler.cuda_graphs)
-    with lm.graph_cache.lock:  # graphs own their buffers: one generation at a time uses them
+    with graph_cache(lm.model).lock:  # graphs own their buffers: one generation at a time uses them
         return _generate(lm, x, keys, pos, run, input_ids.shape[1], sampler, generator=generator,
                          return_history=return_history, on_step=on_step)
 
@@ -145,6 +161,7 @@ def _generate(lm, x, keys, pos, run, p: int, sampler: FastSampler, *, generator,
     for start in range(p, total, block_length):
         end = min(start + block_length, total)
         window, cached = block_columns(start, end, total, dual_cache, x.device)
+        kv_keys = None if keys is None else keys[:, torch.cat([cached, window])]  # [B, C+W]: the block's later steps
         first = True
         while True:
             masked = x[:, start:end] == lm.mask_token_id  # [B, K]
@@ -161,7 +178,6 @@ def _generate(lm, x, keys, pos, run, p: int, sampler: FastSampler, *, generator,
                     kv = [(k[:, :, :len(cached)], v[:, :, :len(cached)]) for k, v in kv]  # the cached columns'
                     h = h[:, len(cached):]  # [B, W, H]
                 else:
-                    kv_keys = None if keys is None else keys[:, torch.cat([cached, window])]
                     # the prefix cache's window shrinks block by block, so its graph serves one block
                     # (captured at the block's second step); still faster than eager at 8 steps a block
                     h = run(x[:, window], pos[:, window], kv_keys, kv, False)  # [B, W, H]
@@ -179,16 +195,16 @@ def _generate(lm, x, keys, pos, run, p: int, sampler: FastSampler, *, generator,
             else:
                 reveal = reveal_top(full_conf, masked, tokens_per_step)
             x[:, start:end] = torch.where(reveal, proposal, x[:, start:end])
-            if stops is not None and end < total:
-                # a finished block holding a stop token ends the answer (everything after it is cut when
-                # decoded): the rest of that row's canvas becomes the fill token (device ops, no branch)
-                block = x[:, start:end]
-                done = torch.isin(block, stops).any(-1, keepdim=True) & (block != lm.mask_token_id).all(-1, keepdim=True)  # [B, 1]
-                tail = x[:, end:]
-                tail.masked_fill_(done & (tail == lm.mask_token_id), fill)
             if history is not None:
                 history.append(x.detach().to("cpu", copy=True))
             if on_step is not None:
                 on_step(x)
+        if stops is not None and end < total:
+            # the block is finished; one holding a stop token ends the answer (everything after it is cut
+            # when decoded): the rest of that row's canvas becomes the fill token, and a row filled to the
+            # end has no masks left, so later blocks skip it (a block all rows have filled runs no step)
+            done = torch.isin(x[:, start:end], stops).any(-1, keepdim=True)  # [B, 1]
+            tail = x[:, end:]
+            tail.masked_fill_(done & (tail == lm.mask_token_id), fill)
     assert not bool((x[:, p:] == lm.mask_token_id).any()), "a mask token survived the fast sampler"
     return GenerateOutput(sequences=x, history=history, nfe=nfe)

@@ -90,6 +90,12 @@ def forward_columns(model, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch
     return (h, kvs) if return_kv else h
 
 
+def weights_signature(model) -> int:
+    """A hash of every weight's address and dtype: a model moved, cast or reloaded gets new graphs (a graph
+    reads the addresses it was captured with)."""
+    return hash(tuple((p.data_ptr(), p.dtype) for p in model.parameters()))
+
+
 class _Graph:
     """One captured forward_columns call: static inputs are copied in, the graph replayed, outputs read."""
 
@@ -140,20 +146,25 @@ class GraphCache:
         # it reads one graph's outputs while replaying another)
         self.lock = threading.RLock()
 
-    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False):
-        """forward_columns(...), through a CUDA graph once the shape has recurred."""
+    def run(self, model, ids, pos, key_mask, cached: KV | None = None, return_kv: bool = False, *, weights=None):
+        """forward_columns(...), through a CUDA graph once the shape has recurred. `weights`: the model's
+        weights_signature when the caller computed it once for many calls (see `bind`)."""
         # rows x (window + cached) columns: a graph holds a copy of the cached K/V as well
         tokens = ids.shape[0] * (ids.shape[1] + (0 if cached is None else cached[0][0].shape[2]))
         if ids.device.type != "cuda" or self.disabled or tokens > self.max_tokens:
             return forward_columns(model, ids, pos, key_mask, cached, return_kv)
         with self.lock, torch.cuda.device(ids.device):
-            return self._run(model, ids, pos, key_mask, cached, return_kv)
+            return self._run(model, weights_signature(model) if weights is None else weights,
+                             ids, pos, key_mask, cached, return_kv)
 
-    def _run(self, model, ids, pos, key_mask, cached, return_kv):
-        # every weight's address and dtype: a model moved, cast or reloaded gets new graphs (a graph reads
-        # the addresses it was captured with)
-        weights = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
-        key = (id(model), hash(weights), tuple(ids.shape), key_mask is not None and tuple(key_mask.shape),
+    def bind(self, model):
+        """run(ids, pos, key_mask, cached, return_kv) for one generation: the weights do not change within
+        it, so their signature is computed once (a walk over every parameter, not one per step)."""
+        weights = weights_signature(model)
+        return lambda *args: self.run(model, *args, weights=weights)
+
+    def _run(self, model, weights, ids, pos, key_mask, cached, return_kv):
+        key = (id(model), weights, tuple(ids.shape), key_mask is not None and tuple(key_mask.shape),
                None if cached is None else tuple(cached[0][0].shape), return_kv)
         graph = self.graphs.get(key)
         if graph is None:

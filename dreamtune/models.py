@@ -22,7 +22,7 @@ Dream-format directory: model_type "Dream", Dream's config keys, the same parame
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from dreamtune.hub import resolve_dir
-from dreamtune.kv_forward import GraphCache
 from dreamtune.tokenizer import TURN_END_TOKENS, ids_of, load_tokenizer
 
 MASK_TOKEN = "<|mask|>"
@@ -58,8 +57,6 @@ class DiffusionLM:
     shift: bool  # True: position i is scored from output i-1 (Dream); False: from output i (LLaDA)
     source: str = ""
     source_dir: Path | None = None  # the directory it was loaded from (export copies its small files)
-    # the fast sampler's CUDA graphs (made with the object, so concurrent generations share one lock)
-    graph_cache: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
 
     @property
     def config(self):
