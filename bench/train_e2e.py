@@ -23,6 +23,10 @@ model.enable_gradient_checkpointing=false), no validation:
   s1k-tokens    s1K-like rows with data.micro_batch_tokens (--tokens, default 4096: two rows of 2048)
   gsm8k         GSM8K rows, micro-batches of one row
   gsm8k-tokens  GSM8K rows with data.micro_batch_tokens
+  gsm8k-packed  GSM8K rows packed into rows of max_length (data.packing=true data.perbatch_cutoff=false
+                data.micro_batch_tokens): no padding, each row attends only to itself
+  gsm8k-packed-64  the same with global batch 64 (data.train_batch_size=64): four times the tokens per
+                optimizer update
   full          a run with the full resumable state (trainer.save_optimizer=true): on the 64 GiB disk the
                 trainer's pre-flight refuses it (about 61 GB a checkpoint); the one line and its estimate
                 are recorded
@@ -59,8 +63,8 @@ DREAM7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, n
                intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=152064, max_position_embeddings=4096, rope_theta=1e6)
-KINDS = ("s1k", "resume", "final", "s1k-tokens", "gsm8k", "gsm8k-tokens", "full")
-TINY_KINDS = ("s1k", "resume", "gsm8k-tokens")  # a CPU check in under a minute
+KINDS = ("s1k", "resume", "final", "s1k-tokens", "gsm8k", "gsm8k-tokens", "gsm8k-packed", "gsm8k-packed-64", "full")
+TINY_KINDS = ("s1k", "resume", "gsm8k-tokens", "gsm8k-packed")  # a CPU check in under a minute
 ONE_H200 = ["optim.state_dtype=bfloat16", "model.compile=true", "model.enable_gradient_checkpointing=false"]
 
 
@@ -244,12 +248,16 @@ def main() -> None:
             continue
         run = work / f"run-{kind}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if kind in ("s1k", "s1k-tokens", "gsm8k", "gsm8k-tokens", "full"):
+        if kind in ("s1k", "s1k-tokens", "gsm8k", "gsm8k-tokens", "gsm8k-packed", "gsm8k-packed-64", "full"):
             shutil.rmtree(run, ignore_errors=True)
             rows_file = data["gsm8k" if kind.startswith("gsm8k") else "s1k"]
             extra = [f"data.train_files=[{rows_file}]", f"trainer.default_local_dir={run}"]
-            if kind.endswith("-tokens"):
+            if kind.endswith("-tokens") or "-packed" in kind:
                 extra.append(f"data.micro_batch_tokens={tokens}")
+            if "-packed" in kind:
+                extra += ["data.packing=true", "data.perbatch_cutoff=false"]
+            if kind == "gsm8k-packed-64":
+                extra.append(f"data.train_batch_size={4 * gbs}")
             if kind == "s1k":  # the save is measured: stop after the last measured step, weights only
                 extra += [f"trainer.max_steps_this_run={last_step}", "trainer.save_optimizer=false"]
             elif kind == "full":  # the full resumable state, kept twice (keep_last 2): the pre-flight decides
