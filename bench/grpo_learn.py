@@ -12,7 +12,9 @@ What runs (bench/learn.py's pieces for data, model, SFT overrides and evaluation
      stopped early (`trainer.max_steps_this_run`), in rounds of --sft-chunk steps until the held-out accuracy
      (fast sampler, greedy) reaches --sft-target (the goal is a start between 40% and 80%);
   3. GRPO (`dreamtune.grpo.train`, trainer.stage=grpo) from that checkpoint, --grpo-steps steps, reward 1 for
-     an exact final answer (`grade_synthetic`);
+     an exact final answer (`grade_synthetic`), once per learning rate of --grpo-lr (a comma-separated list:
+     one run each from the same start). The run reported as GRPO's is chosen by its own training reward (the
+     mean of its last tenth of steps), never by held-out accuracy; every run's held-out figures are recorded;
   4. the control: the stopped SFT run resumed for the same number of steps;
   5. held-out accuracy of all three (every --samplers setting, greedy), the reward curve, a table, and
      grpo_learn.json (grpo_learn_tiny.json with --tiny) in --out ($OUT, else bench/results).
@@ -36,13 +38,13 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import learn as L  # noqa: E402  bench/learn.py: data, model, SFT overrides and evaluation
 
 GPU = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
-           kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=150,
-           sft_first=450, sft_rounds=6, sft_target=0.4, grpo_steps=150, prompts=64, generations=8, iterations=2,
-           grpo_lr=2e-5, temperature=1.0)
+           kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=75,
+           sft_first=300, sft_rounds=6, sft_target=0.45, grpo_steps=120, prompts=64, generations=8, iterations=2,
+           grpo_lr="1e-4,3e-4", temperature=1.0)
 TINY = dict(task="arithmetic", task_opts={"op": "add", "digits": 2}, train_rows=3_000, eval_rows=40, hidden=64, layers=2,
             heads=4, kv_heads=2, intermediate=128, batch=16, micro_batch=16, lr=3e-3, sft_total=2000, sft_chunk=40,
             sft_first=60, sft_rounds=2, sft_target=0.4, grpo_steps=4, prompts=4, generations=4, iterations=2,
-            grpo_lr=2e-5, temperature=1.0)
+            grpo_lr="2e-5", temperature=1.0)
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab): Dream-v0-7B's, and a CPU check of the same code
     "dream7b": (3584, 28, 28, 4, 18944, 152064),
     "tiny": (64, 2, 4, 2, 128, 512),
@@ -127,21 +129,30 @@ def run(a) -> int:
         if start_acc >= a.sft_target:
             break
 
-    # 3. GRPO from the stopped SFT model
-    grpo_dir = work / "grpo-run"
-    grpo = [f"model.partial_pretrain={start_dir}", "trainer.stage=grpo", f"grpo.task={a.task}", f"grpo.prompts_file={train_file}",
+    # 3. GRPO from the stopped SFT model, once per learning rate
+    def grpo_args(lr: float, grpo_dir: Path) -> list[str]:
+        return [f"model.partial_pretrain={start_dir}", "trainer.stage=grpo", f"grpo.task={a.task}", f"grpo.prompts_file={train_file}",
             "grpo.prompt_format=sft", f"grpo.num_generations={a.generations}", f"grpo.num_iterations={a.iterations}",
             f"grpo.max_new_tokens={new_tokens}", "grpo.block_length=32", f"grpo.temperature={a.temperature}",
             "grpo.beta=0.0", "grpo.threshold=0.9", f"data.train_batch_size={a.prompts}",
-            f"data.micro_batch_size_per_gpu={a.prompts}", f"optim.lr={a.grpo_lr}", "optim.lr_scheduler=constant",
+            f"data.micro_batch_size_per_gpu={a.prompts}", f"optim.lr={lr}", "optim.lr_scheduler=constant",
             "optim.warmup_steps_ratio=0", f"trainer.total_training_steps={a.grpo_steps}", f"trainer.default_local_dir={grpo_dir}",
             f"trainer.save_checkpoint_steps={10**9}", "trainer.logger=['console']", f"trainer.device={device.type}",
             f"trainer.seed={a.seed}", "model.dtype=bf16"]
-    t0 = time.time()
-    grpo_train(load_config(None, grpo))
-    grpo_s = time.time() - t0
-    curve = [m for m in L.read_metrics(grpo_dir / "metrics.jsonl") if "reward_mean" in m]
-    say(f"GRPO: {len(curve)} steps in {grpo_s:.0f}s, reward {curve[0]['reward_mean']:.3f} -> {curve[-1]['reward_mean']:.3f}")
+
+    arms = []
+    for lr in a.grpo_lr:
+        grpo_dir = work / f"grpo-run-lr{lr:g}"
+        t0 = time.time()
+        grpo_train(load_config(None, grpo_args(lr, grpo_dir)))
+        curve = [m for m in L.read_metrics(grpo_dir / "metrics.jsonl") if "reward_mean" in m]
+        tail = curve[-max(1, len(curve) // 10):]
+        arms.append({"lr": lr, "dir": grpo_dir, "grpo_s": time.time() - t0, "curve": curve,
+                     "final_reward": sum(m["reward_mean"] for m in tail) / len(tail)})
+        say(f"GRPO lr {lr:g}: {len(curve)} steps in {arms[-1]['grpo_s']:.0f}s, reward {curve[0]['reward_mean']:.3f} -> "
+            f"{curve[-1]['reward_mean']:.3f} (last tenth {arms[-1]['final_reward']:.3f})")
+    chosen = max(arms, key=lambda arm: arm["final_reward"])  # training reward only: held-out rows stay unseen
+    grpo_dir, grpo_s, curve = chosen["dir"], chosen["grpo_s"], chosen["curve"]
 
     # 4. the control: the same SFT run, resumed from where it stopped for as many steps
     assert done + a.grpo_steps < a.sft_total, "raise --sft-total: the control must stop before the schedule ends"
@@ -150,7 +161,10 @@ def run(a) -> int:
 
     # 5. held-out accuracy of the three, every sampler setting
     evals = {name: accuracy(d, eval_rows, a, new_tokens, device, a.samplers)
-             for name, d in [("sft_start", start_dir), ("grpo", grpo_dir / "checkpoint-final"), ("sft_control", control_dir)]}
+             for name, d in [("sft_start", start_dir), ("sft_control", control_dir)]}
+    for arm in arms:
+        arm["eval"] = accuracy(arm["dir"] / "checkpoint-final", eval_rows, a, new_tokens, device, a.samplers)
+    evals["grpo"] = chosen["eval"]
     main = a.samplers[0]
     gain = evals["grpo"][main]["accuracy"] - evals["sft_start"][main]["accuracy"]
     control_gain = evals["sft_control"][main]["accuracy"] - evals["sft_start"][main]["accuracy"]
@@ -158,6 +172,9 @@ def run(a) -> int:
               "task": {"task": a.task, "opts": a.task_opts}, "args": {k: v for k, v in vars(a).items()},
               "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "new_tokens": new_tokens},
               "sft_rounds": rounds, "sft_steps": done, "grpo_steps": a.grpo_steps, "grpo_s": grpo_s, "eval": evals,
+              "grpo_lr": chosen["lr"], "chosen_by": "the highest mean training reward over the last tenth of steps",
+              "grpo_runs": [{"lr": arm["lr"], "grpo_s": arm["grpo_s"], "final_train_reward": arm["final_reward"],
+                             "eval": arm["eval"]} for arm in arms],
               "reward_curve": [{k: m[k] for k in ("step", "reward_mean", "reward_std", "accuracy", "clip_fraction",
                                                    "completion_length", "rollout_s", "update_s")} for m in curve],
               "summary": {"sampler": main, "grpo_gain_points": 100 * gain, "control_gain_points": 100 * control_gain,
@@ -169,6 +186,9 @@ def run(a) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"grpo_learn: {a.task} {json.dumps(a.task_opts)}, SFT stopped at {done} steps, {a.grpo_steps} GRPO steps "
           f"({a.prompts} prompts x {a.generations}), {len(eval_rows)} held-out problems, {result['device']}")
+    for arm in arms:
+        print(f"GRPO lr {arm['lr']:g}: last-tenth training reward {arm['final_reward']:.3f}, held-out "
+              f"{100 * arm['eval'][main]['accuracy']:.1f}% ({main}){'  <- chosen' if arm is chosen else ''}")
     print(f"{'sampler':<16}{'SFT start':>11}{'+GRPO':>9}{'+SFT':>9}")
     for s in a.samplers:
         print(f"{s:<16}" + "".join(f"{100 * evals[n][s]['accuracy']:>{w}.1f}%" for n, w in
@@ -263,7 +283,7 @@ def parse_args(argv):
                      ("kv-heads", int), ("intermediate", int), ("batch", int), ("micro-batch", int), ("lr", float),
                      ("sft-total", int), ("sft-chunk", int), ("sft-first", int), ("sft-rounds", int),
                      ("sft-target", float), ("grpo-steps", int), ("prompts", int), ("generations", int),
-                     ("iterations", int), ("grpo-lr", float), ("temperature", float)]:
+                     ("iterations", int), ("grpo-lr", str), ("temperature", float)]:
         p.add_argument(f"--{name}", type=tp)
     p.add_argument("--samplers", default="fast@0.9,maskgit_plus", help="held-out evaluation settings (greedy)")
     p.add_argument("--shape-prompts", type=int, default=8, help="--shape: prompts per step (x grpo.num_generations)")
@@ -280,6 +300,7 @@ def parse_args(argv):
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     a.samplers = [s for s in a.samplers.split(",") if s]
+    a.grpo_lr = [float(x) for x in str(a.grpo_lr).split(",") if x]
     return a
 
 
