@@ -2,13 +2,12 @@
 what one step changes (LoRA: only adapters; the reference never), exact resume, 2 ranks = 1 rank, dry runs.
 
 The tiny model speaks a 5-character alphabet ("0123 "), and the prompts are GSM8K-shaped rows whose
-reference answer is one digit: the GSM8K grader reads the last number of a completion, so a random model is
-right now and then, and groups have rewards that differ (non-zero advantages)."""
+reference answer is one digit (tests/conftest.py's grpo_setup): the GSM8K grader reads the last number of a
+completion, so a random model is right now and then, and groups have rewards that differ (non-zero advantages)."""
 
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -19,36 +18,18 @@ import torch
 
 from dreamtune import grpo
 from dreamtune.cli import main as cli
+from tests.conftest import GRPO_ALPHABET as ALPHABET
+from tests.conftest import grpo_args as args
 from tests.conftest import shared_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-ALPHABET = "0123 "
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(tiny model directory, GSM8K-shaped prompts file)."""
-    from dreamtune.export import save_hf
-    from dreamtune.tiny import tiny_lm
-
-    d = tmp_path_factory.mktemp("grpo")
-    save_hf(tiny_lm(alphabet=ALPHABET, hidden_size=32, layers=2, heads=4, kv_heads=2), d / "model", dtype=torch.float32)
-    rng = random.Random(0)
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(16):
-            a = rng.randint(0, 3)
-            f.write(json.dumps({"question": f"{a} {rng.randint(0, 3)}", "answer": f"so {a}\n#### {a}"}) + "\n")
-    return d / "model", d / "train.jsonl"
-
-
-def args(setup, run_dir, *extra):
-    model, prompts = setup
-    return ["trainer.stage=grpo", f"model.partial_pretrain={model}", f"grpo.prompts_file={prompts}", "grpo.task=gsm8k",
-            "grpo.prompt_format=sft", "data.train_batch_size=4", "data.micro_batch_size_per_gpu=2",
-            "grpo.num_generations=4", "grpo.num_iterations=2", "grpo.max_new_tokens=8", "grpo.block_length=4",
-            "grpo.temperature=1.0", "grpo.beta=0.1", "optim.lr=1e-3", "optim.warmup_steps_ratio=0", "trainer.device=cpu",
-            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console']", *extra]
+def setup(grpo_setup):
+    """(tiny model directory, GSM8K-shaped prompts file): conftest's grpo_setup."""
+    return grpo_setup
 
 
 def metrics(run_dir):
