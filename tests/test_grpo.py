@@ -1,5 +1,6 @@
 """GRPO (dreamtune/grpo.py) on CPU with tiny models: the maths against direct and brute-force computations,
-what one step changes (LoRA: only adapters; the reference never), exact resume, 2 ranks = 1 rank, dry runs.
+what one step changes (LoRA: only adapters; the reference never), exact resume, 2 ranks = 1 rank, dry runs,
+and `dreamtune eval` and the demo loading a GRPO run's checkpoint-final.
 
 The tiny model speaks a 5-character alphabet ("0123 "), and the prompts are GSM8K-shaped rows whose
 reference answer is one digit (tests/conftest.py's grpo_setup): the GSM8K grader reads the last number of a
@@ -206,6 +207,38 @@ def test_two_ranks_match_one(setup, tmp_path):
     for ra, rb in zip(a, b):  # fp32; only the order of the reductions differs
         for key in ("reward_mean", "accuracy", "completion_length", "loss", "kl", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+
+
+def test_eval_and_demo_load_the_grpo_checkpoint(grpo_run, setup, tmp_path, capsys):
+    """checkpoint-final of a GRPO run is an export like SFT's: `dreamtune eval` grades it (its prompts as a
+    GSM8K benchmark file) and the demo's loader streams an answer from it; both hold the trained weights, not
+    the base's."""
+    import shutil
+
+    from dreamtune import demo
+    from dreamtune.engine import load_for_generation
+
+    ckpt = grpo_run / "checkpoint-final"
+    data = tmp_path / "eval_data"
+    (data / "gsm8k").mkdir(parents=True)
+    shutil.copyfile(setup[1], data / "gsm8k" / "test.jsonl")
+    out = tmp_path / "eval_results.json"
+    assert cli(["eval", "--model", str(ckpt), "--tasks", "gsm8k", "--data-dir", str(data), "--limit", "4",
+                "--prompt-format", "chat", "--max-new-tokens", "8", "--steps", "4", "--grade-workers", "0",
+                "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["model"] == str(ckpt.resolve()) and summary["tasks"]["gsm8k"]["total"] == 4
+    capsys.readouterr()
+
+    lm = demo.load_model(str(ckpt))
+    answer, status = list(demo.denoise_stream(lm, "1 2", steps=4, max_new_tokens=8))[-1]
+    assert status.startswith("done: 4 forward passes") and "░" not in answer
+    tuned, evals = lm.model.state_dict(), load_for_generation(str(ckpt)).model.state_dict()  # eval's run_shard loader
+    base = load_for_generation(str(setup[0])).model.state_dict()
+    assert tuned.keys() == evals.keys() == base.keys() and all(torch.equal(tuned[k], evals[k]) for k in tuned)
+    # the export is bf16: a weight the run left alone is the base's rounded to bf16
+    changed = [k for k in tuned if not torch.equal(tuned[k], base[k].to(torch.bfloat16).to(tuned[k].dtype))]
+    assert "lm_head.weight" in changed
 
 
 # ----------------------------------------------------------------------------------------------- recipes and errors
