@@ -308,6 +308,7 @@ def train(cfg) -> Path:
             n = float(sums[3])
             mean = float(sums[0]) / n
             done, ran = step + 1, ran + 1
+            # the keys are grpo_config.METRICS, the names `dreamtune report` reads
             row = {"loss": float(totals[0] / totals[3]), "reward_mean": mean,
                    "reward_std": math.sqrt(max(0.0, float(sums[1]) / n - mean ** 2)), "accuracy": float(sums[2]) / n,
                    "clip_fraction": float(totals[1] / totals[3]), "completion_length": float(sums[4]) / n,

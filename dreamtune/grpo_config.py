@@ -1,4 +1,5 @@
-"""The `grpo.*` section of the training configuration (used when `trainer.stage=grpo`), and its checks.
+"""The `grpo.*` section of the training configuration (used when `trainer.stage=grpo`), its checks, and the
+names of what a GRPO step logs.
 
     dreamtune train configs/dream7b_gsm8k_grpo.yaml grpo.num_generations=8 grpo.beta=0.0
 
@@ -12,6 +13,11 @@ from dataclasses import dataclass
 
 PROMPT_FORMATS = ("chat", "fewshot", "sft")
 SAMPLER_ALGS = ("fast", "origin", "maskgit_plus", "topk_margin", "entropy")
+# The keys of each GRPO step's row in RUN/metrics.jsonl besides "step" and "time_s" (docs/artifacts.md), in the
+# order dreamtune/grpo.py writes them; "kl" only with beta > 0. Here, not in grpo.py, so that `dreamtune report`
+# reads the names without importing torch.
+METRICS = ("loss", "reward_mean", "reward_std", "accuracy", "clip_fraction", "completion_length", "lr", "grad_norm",
+           "rollout_s", "update_s", "tokens_per_s", "kl")
 
 
 @dataclass

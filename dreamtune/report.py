@@ -12,6 +12,10 @@ RUN_DIR/data_summary.json when the trainer wrote them. Writes to --out (default 
   report.html    the same, one self-contained file (figures inlined as base64): open it, mail it
   report.json    the numbers behind every figure and table (what the figures plot, exactly)
   loss.png  lr.png  grad_norm.png  tokens_per_s.png  accuracy.png  validation.png
+  reward.png  rollout_accuracy.png  kl.png  clip_fraction.png  completion_length.png  step_time.png
+                 (a GRPO run: reward and share of correct rollouts per step, the KL term, the clipped share,
+                 completion length and the rollout/update time of each step; a table of the first vs the
+                 last tenth of the steps)
 
 Optional inputs that are missing or unreadable are skipped with a note (printed and in the report);
 a missing RUN_DIR or metrics.jsonl is an error. The report directory is replaced whole: it appears
@@ -30,7 +34,8 @@ from pathlib import Path
 
 from dreamtune.atomic import replace_dir, temp_dir_beside
 from dreamtune.cli import parser
-from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label: part of this leaf's API)
+from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label, the series names: part of this leaf's API)
+    GRPO_SERIES,
     TRAIN_SERIES,
     model_label,
     read_compare,
@@ -39,12 +44,16 @@ from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label:
     read_evals,
     read_metrics,
     read_validation,
+    tenths,
 )
 
 # Train-loss points are noisy (one micro-batch of random noise levels each): the figure adds a
 # moving average over this many steps so the trend is readable.
 SMOOTH = 20
 N_EXAMPLES = 6
+# A GRPO run's figures, in the order the report shows them (accuracy.png is the eval results' bar chart).
+GRPO_FIGURES = ("reward.png", "rollout_accuracy.png", "kl.png", "clip_fraction.png", "completion_length.png",
+                "step_time.png")
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -73,6 +82,7 @@ def _figure(title: str, ylabel: str):
 def build_figures(metrics: dict, evals: list[dict]) -> dict:
     """{file name: matplotlib Figure}: the lines and bars are exactly the series in `metrics`/`evals`."""
     tr, va = metrics["train"], metrics["val"]
+    grpo = bool(metrics["grpo"]["step"])
     figs = {}
     if tr["step"] or va["step"]:
         fig, ax = _figure("loss", "loss")
@@ -91,7 +101,7 @@ def build_figures(metrics: dict, evals: list[dict]) -> dict:
         ax.legend()
         figs["loss.png"] = fig
     for key, title, ylabel in (("lr", "learning rate", "lr"), ("grad_norm", "gradient norm (before clipping)", "norm"),
-                               ("tokens_per_s", "throughput", "tokens/s")):
+                               ("tokens_per_s", "rollout throughput (canvas tokens)" if grpo else "throughput", "tokens/s")):
         if tr["step"]:
             fig, ax = _figure(title, ylabel)
             ax.plot(tr["step"], tr[key], color="tab:green", linewidth=1, label=key)
@@ -112,6 +122,50 @@ def build_figures(metrics: dict, evals: list[dict]) -> dict:
         ax.set(title="accuracy per task and model", ylabel="accuracy (%)", ylim=(0, 110))
         ax.legend()
         figs["accuracy.png"] = fig
+    if grpo:
+        figs.update(grpo_figures(metrics["grpo"]))
+    return figs
+
+
+def _raw_and_smoothed(ax, steps, values, color, label):
+    """A noisy per-step series: the points, and its moving average once the run is long enough to need one."""
+    smooth = len(steps) > SMOOTH
+    ax.plot(steps, values, color=color, alpha=0.35 if smooth else 1.0, linewidth=0.8 if smooth else 1, label=label)
+    if smooth:
+        ax.plot(steps, moving_average(values, SMOOTH), color=color, label=f"{label} (mean of {SMOOTH})")
+
+
+def grpo_figures(g: dict) -> dict:
+    """{file name: Figure} of a GRPO run (read_metrics' "grpo"): each figure only for the keys the run logged."""
+    steps, figs = g["step"], {}
+    fig, ax = _figure("reward per step (mean over the step's rollouts)", "reward")
+    if "reward_std" in g:  # the spread of the step's rollouts: how much signal its advantages carry
+        ax.fill_between(steps, [m - d for m, d in zip(g["reward_mean"], g["reward_std"])],
+                        [m + d for m, d in zip(g["reward_mean"], g["reward_std"])], color="tab:purple", alpha=0.15,
+                        linewidth=0, label="reward_mean ± reward_std")
+    _raw_and_smoothed(ax, steps, g["reward_mean"], "tab:purple", "reward_mean")
+    ax.legend()
+    figs["reward.png"] = fig
+    if "accuracy" in g:
+        fig, ax = _figure("rollout accuracy (share of the step's rollouts graded correct)", "correct (%)")
+        _raw_and_smoothed(ax, steps, [100 * a for a in g["accuracy"]], "tab:red", "accuracy")
+        ax.set_ylim(0, 100)
+        ax.legend()
+        figs["rollout_accuracy.png"] = fig
+    for key, title, ylabel in (("kl", "KL to the reference (k3 estimate, per token)", "KL"),
+                               ("clip_fraction", "clipped share of completion tokens", "fraction"),
+                               ("completion_length", "completion length (tokens up to the first stop)", "tokens")):
+        if key in g:
+            fig, ax = _figure(title, ylabel)
+            ax.plot(steps, g[key], color="tab:green", linewidth=1, label=key)
+            figs[f"{key}.png"] = fig
+    if "rollout_s" in g or "update_s" in g:
+        fig, ax = _figure("time per step", "seconds")
+        for key, color in (("rollout_s", "tab:blue"), ("update_s", "tab:orange")):
+            if key in g:
+                ax.plot(steps, g[key], color=color, linewidth=1, label=key)
+        ax.legend()
+        figs["step_time.png"] = fig
     return figs
 
 
@@ -137,6 +191,7 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
                    validation: dict | None, images: list[str], notes: list[str],
                    truncation: dict | None = None) -> list[tuple]:
     tr, va = metrics["train"], metrics["val"]
+    grpo = bool(metrics["grpo"]["step"])
     doc = [("h1", f"dreamtune report: {run_dir.name}"), ("p", f"Run directory: `{run_dir}`")]
 
     doc.append(("h2", "Training"))
@@ -145,7 +200,8 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
         rows += [("optimizer steps", tr["step"][-1]), ("final train loss", f"{tr['loss'][-1]:.4f}"),
                  (f"final train loss (mean of last {min(SMOOTH, len(tr['loss']))})",
                   f"{sum(tr['loss'][-SMOOTH:]) / len(tr['loss'][-SMOOTH:]):.4f}"),
-                 ("median tokens/s", f"{sorted(tr['tokens_per_s'])[len(tr['tokens_per_s']) // 2]:,.0f}")]
+                 ("median rollout tokens/s" if grpo else "median tokens/s",
+                  f"{sorted(tr['tokens_per_s'])[len(tr['tokens_per_s']) // 2]:,.0f}")]
     if va["step"]:
         rows += [("final validation loss", f"{va['val_loss'][-1]:.4f} (step {va['step'][-1]})"),
                  ("best validation loss", f"{min(va['val_loss']):.4f}")]
@@ -154,6 +210,8 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
     for name in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
         if name in images:
             doc.append(("img", name, name.removesuffix(".png")))
+    if grpo:
+        doc += _grpo_blocks(metrics["grpo"], images)
 
     doc.append(("h2", "Results"))
     if evals:
@@ -206,6 +264,8 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
                         [(name, ", ".join(f"{k} {_fmt(x)}" for k, x in p.items() if x is not None)) for name, p in pol.items()]))
         if "validation.png" in images:
             doc.append(("img", "validation.png", "token lengths"))
+    elif grpo:  # its prompts are grpo.prompts_file's, which `dreamtune data validate` does not measure
+        doc.append(("p", "A GRPO run: its prompts are grpo.prompts_file's (in the table above)."))
     else:
         doc.append(("p", "No data validation report (--validation FILE, or RUN/data_validation.json)."))
 
@@ -213,6 +273,26 @@ def build_document(run_dir: Path, metrics: dict, config: dict, evals: list[dict]
         doc.append(("h2", "Notes"))
         doc.append(("list", notes))
     return doc
+
+
+def _grpo_blocks(g: dict, images: list[str]) -> list[tuple]:
+    """The GRPO section: the first vs the last tenth of the steps (tenths()), then the GRPO figures."""
+    t = tenths(g)
+    span = lambda b: f"step {b['steps'][0]}" if b["steps"][0] == b["steps"][1] else f"steps {b['steps'][0]}-{b['steps'][1]}"  # noqa: E731
+    blocks = [("h2", "Reinforcement learning (GRPO)"),
+              ("p", f"{len(g['step'])} GRPO steps. Each number is a step's mean over its rollouts, averaged over the "
+                    f"first and the last tenth of the steps ({t['steps_per_tenth']} each).")]
+    rows = []
+    for key, label, fmt, diff in (("reward_mean", "reward", "{:.3f}".format, "{:+.3f}".format),
+                                  ("accuracy", "rollout accuracy", lambda v: f"{100 * v:.1f}%",
+                                   lambda v: f"{100 * v:+.1f} points"),
+                                  ("completion_length", "completion length (tokens)", "{:.1f}".format, "{:+.1f}".format)):
+        if key in t["first"] and key in t["last"]:
+            first, last = t["first"][key], t["last"][key]
+            rows.append((label, fmt(first), fmt(last), diff(last - first)))
+    blocks.append(("table", ["", f"first tenth ({span(t['first'])})", f"last tenth ({span(t['last'])})", "change"], rows))
+    blocks += [("img", name, name.removesuffix(".png")) for name in GRPO_FIGURES if name in images]
+    return blocks
 
 
 def _truncation_text(t: dict, config: dict) -> str:
@@ -363,8 +443,11 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
         (tmp / "report.html").write_text(render_html(doc, images))
         series = {"train": metrics["train"], "val": metrics["val"],
                   "accuracy": {e["label"]: {t: r["accuracy"] for t, r in e["tasks"].items()} for e in eval_data}}
-        (tmp / "report.json").write_text(json.dumps({"run": str(run_dir), "series": series, "figures": sorted(images),
-                                                     "notes": notes, "config": config}, indent=1, default=str) + "\n")
+        summary = {"run": str(run_dir), "series": series, "figures": sorted(images), "notes": notes, "config": config}
+        if metrics["grpo"]["step"]:  # an SFT run's report.json keeps exactly its keys
+            series["grpo"] = metrics["grpo"]
+            summary["grpo_tenths"] = tenths(metrics["grpo"])
+        (tmp / "report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

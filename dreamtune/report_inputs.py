@@ -8,14 +8,20 @@ A leaf, with dreamtune.report: nothing in the core imports it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from dreamtune.grpo_config import METRICS as GRPO_METRICS
+
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
+# What only a GRPO step logs (its rows have TRAIN_SERIES too): the names are the recipe's own.
+GRPO_SERIES = tuple(k for k in GRPO_METRICS if k not in TRAIN_SERIES)
 
 
 def read_metrics(run_dir: Path) -> dict:
-    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}} from
-    metrics.jsonl. A resumed run can log a step twice: the last row for a step wins."""
+    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}, "grpo": {step,
+    and each GRPO_SERIES key any GRPO row has: lists}} from metrics.jsonl; "grpo" has no steps for an SFT run.
+    A resumed run can log a step twice: the last row for a step wins."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
@@ -23,7 +29,7 @@ def read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
-    train, val = {}, {}
+    train, val, grpo = {}, {}, {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -38,12 +44,35 @@ def read_metrics(run_dir: Path) -> dict:
             val[int(row["step"])] = row
         if "loss" in row:
             train[int(row["step"])] = row
+        if "reward_mean" in row:  # a GRPO step
+            grpo[int(row["step"])] = row
     if not train and not val:
         raise ValueError(f"{path} holds no training steps yet; run the trainer first (or wait for its first step)")
     steps = sorted(train)
     out = {"train": {"step": steps}, "val": {"step": sorted(val), "val_loss": [float(val[s]["val_loss"]) for s in sorted(val)]}}
     for key in TRAIN_SERIES:
         out["train"][key] = [float(train[s][key]) if train[s].get(key) is not None else float("nan") for s in steps]
+    out["grpo"] = {"step": sorted(grpo)}
+    for key in GRPO_SERIES:  # a key no row has (kl without a KL term) is left out, not a series of NaN
+        if any(r.get(key) is not None for r in grpo.values()):
+            out["grpo"][key] = [float(grpo[s][key]) if grpo[s].get(key) is not None else float("nan") for s in sorted(grpo)]
+    return out
+
+
+def tenths(grpo: dict, keys=("reward_mean", "accuracy", "completion_length")) -> dict:
+    """The mean of each key over the first and the last tenth of a GRPO run's steps (at least one step each):
+    {"steps_per_tenth", "first": {"steps": [first, last], key: mean}, "last": {...}}. Keys the run has not
+    logged are left out; NaN entries are skipped."""
+    steps = grpo["step"]
+    n = max(1, len(steps) // 10)
+    out = {"steps_per_tenth": n}
+    for name, part in (("first", slice(0, n)), ("last", slice(len(steps) - n, len(steps)))):
+        block = {"steps": [steps[part][0], steps[part][-1]]}
+        for key in keys:
+            values = [v for v in grpo.get(key, [])[part] if not math.isnan(v)]
+            if values:
+                block[key] = sum(values) / len(values)
+        out[name] = block
     return out
 
 
@@ -74,6 +103,13 @@ def read_config(run_dir: Path) -> dict:
     keys = ["model.partial_pretrain", "data.train_files", "data.max_length", "data.truncation", "data.train_batch_size",
             "optim.lr", "optim.lr_scheduler", "trainer.total_training_steps", "trainer.total_epochs",
             "diffusion.time_reweighting", "model.lora_rank", "trainer.seed"]
+    trainer = cfg.get("trainer") if isinstance(cfg, dict) else None
+    if isinstance(trainer, dict) and trainer.get("stage") == "grpo":  # GRPO reads no SFT data: its own settings instead
+        keys = ["model.partial_pretrain", "trainer.stage", "grpo.task", "grpo.prompts_file", "grpo.prompt_format",
+                "data.train_batch_size", "grpo.num_generations", "grpo.num_iterations", "grpo.beta", "grpo.epsilon",
+                "grpo.format_reward", "grpo.alg", "grpo.max_new_tokens", "grpo.temperature", "optim.lr",
+                "optim.lr_scheduler", "trainer.total_training_steps", "trainer.total_epochs", "model.lora_rank",
+                "trainer.seed"]
     out = {}
     for key in keys:
         node = cfg

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where ../shared/data is, tiny models written to disk, small SFT datasets.
+"""Shared test fixtures: where ../shared/data is, tiny models written to disk, small SFT datasets, a tiny
+GRPO setup and one short GRPO run.
 
 Everything is built in-process; nothing is downloaded. Tests that need ../shared/data skip with a
 reason when it is absent (a user's machine).
@@ -6,6 +7,7 @@ reason when it is absent (a user's machine).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -76,3 +78,51 @@ def sft_data(tmp_path_factory) -> Path:
     write_parquet(rows[:48], d / "train.parquet")
     write_parquet(rows[48:], d / "val.parquet")
     return d
+
+
+# The GRPO tiny model speaks a 5-character alphabet, and its prompts are GSM8K-shaped rows whose reference
+# answer is one digit: the GSM8K grader reads the last number of a completion, so a random model is right now
+# and then, and groups have rewards that differ (non-zero advantages).
+GRPO_ALPHABET = "0123 "
+
+
+@pytest.fixture(scope="session")
+def grpo_setup(tmp_path_factory):
+    """(tiny model directory, GSM8K-shaped prompts file) for GRPO runs."""
+    from dreamtune.export import save_hf
+    from dreamtune.tiny import tiny_lm
+
+    d = tmp_path_factory.mktemp("grpo")
+    save_hf(tiny_lm(alphabet=GRPO_ALPHABET, hidden_size=32, layers=2, heads=4, kv_heads=2), d / "model", dtype=torch.float32)
+    rng = random.Random(0)
+    with open(d / "train.jsonl", "w") as f:
+        for _ in range(16):
+            a = rng.randint(0, 3)
+            f.write(json.dumps({"question": f"{a} {rng.randint(0, 3)}", "answer": f"so {a}\n#### {a}"}) + "\n")
+    return d / "model", d / "train.jsonl"
+
+
+def grpo_args(setup, run_dir, *extra) -> list[str]:
+    """`dreamtune train` arguments of a tiny GRPO run on CPU (4 prompts x 4 rollouts of 8 tokens a step)."""
+    model, prompts = setup
+    return ["trainer.stage=grpo", f"model.partial_pretrain={model}", f"grpo.prompts_file={prompts}", "grpo.task=gsm8k",
+            "grpo.prompt_format=sft", "data.train_batch_size=4", "data.micro_batch_size_per_gpu=2",
+            "grpo.num_generations=4", "grpo.num_iterations=2", "grpo.max_new_tokens=8", "grpo.block_length=4",
+            "grpo.temperature=1.0", "grpo.beta=0.1", "optim.lr=1e-3", "optim.warmup_steps_ratio=0", "trainer.device=cpu",
+            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console']", *extra]
+
+
+@pytest.fixture(scope="session")
+def grpo_run(grpo_setup, tmp_path_factory) -> Path:
+    """The run directory of a real 20-step GRPO run (a few seconds on CPU), its checkpoint-final exported. A
+    format reward of 0.5 makes the reward differ from the accuracy (the share of correct rollouts)."""
+    from dreamtune.cli import main as cli
+
+    run = tmp_path_factory.mktemp("grpo_run") / "run"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest
+    try:
+        assert cli(["train", *grpo_args(grpo_setup, run, "trainer.total_training_steps=20", "grpo.format_reward=0.5")]) == 0
+    finally:
+        torch.set_num_threads(old)
+    return run

@@ -1,14 +1,14 @@
 """GRPO (dreamtune/grpo.py) on CPU with tiny models: the maths against direct and brute-force computations,
-what one step changes (LoRA: only adapters; the reference never), exact resume, 2 ranks = 1 rank, dry runs.
+what one step changes (LoRA: only adapters; the reference never), exact resume, 2 ranks = 1 rank, dry runs,
+and `dreamtune eval` and the demo loading a GRPO run's checkpoint-final.
 
 The tiny model speaks a 5-character alphabet ("0123 "), and the prompts are GSM8K-shaped rows whose
-reference answer is one digit: the GSM8K grader reads the last number of a completion, so a random model is
-right now and then, and groups have rewards that differ (non-zero advantages)."""
+reference answer is one digit (tests/conftest.py's grpo_setup): the GSM8K grader reads the last number of a
+completion, so a random model is right now and then, and groups have rewards that differ (non-zero advantages)."""
 
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -19,36 +19,18 @@ import torch
 
 from dreamtune import grpo
 from dreamtune.cli import main as cli
+from tests.conftest import GRPO_ALPHABET as ALPHABET
+from tests.conftest import grpo_args as args
 from tests.conftest import shared_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-ALPHABET = "0123 "
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(tiny model directory, GSM8K-shaped prompts file)."""
-    from dreamtune.export import save_hf
-    from dreamtune.tiny import tiny_lm
-
-    d = tmp_path_factory.mktemp("grpo")
-    save_hf(tiny_lm(alphabet=ALPHABET, hidden_size=32, layers=2, heads=4, kv_heads=2), d / "model", dtype=torch.float32)
-    rng = random.Random(0)
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(16):
-            a = rng.randint(0, 3)
-            f.write(json.dumps({"question": f"{a} {rng.randint(0, 3)}", "answer": f"so {a}\n#### {a}"}) + "\n")
-    return d / "model", d / "train.jsonl"
-
-
-def args(setup, run_dir, *extra):
-    model, prompts = setup
-    return ["trainer.stage=grpo", f"model.partial_pretrain={model}", f"grpo.prompts_file={prompts}", "grpo.task=gsm8k",
-            "grpo.prompt_format=sft", "data.train_batch_size=4", "data.micro_batch_size_per_gpu=2",
-            "grpo.num_generations=4", "grpo.num_iterations=2", "grpo.max_new_tokens=8", "grpo.block_length=4",
-            "grpo.temperature=1.0", "grpo.beta=0.1", "optim.lr=1e-3", "optim.warmup_steps_ratio=0", "trainer.device=cpu",
-            f"trainer.default_local_dir={run_dir}", "trainer.logger=['console']", *extra]
+def setup(grpo_setup):
+    """(tiny model directory, GSM8K-shaped prompts file): conftest's grpo_setup."""
+    return grpo_setup
 
 
 def metrics(run_dir):
@@ -225,6 +207,38 @@ def test_two_ranks_match_one(setup, tmp_path):
     for ra, rb in zip(a, b):  # fp32; only the order of the reductions differs
         for key in ("reward_mean", "accuracy", "completion_length", "loss", "kl", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+
+
+def test_eval_and_demo_load_the_grpo_checkpoint(grpo_run, setup, tmp_path, capsys):
+    """checkpoint-final of a GRPO run is an export like SFT's: `dreamtune eval` grades it (its prompts as a
+    GSM8K benchmark file) and the demo's loader streams an answer from it; both hold the trained weights, not
+    the base's."""
+    import shutil
+
+    from dreamtune import demo
+    from dreamtune.engine import load_for_generation
+
+    ckpt = grpo_run / "checkpoint-final"
+    data = tmp_path / "eval_data"
+    (data / "gsm8k").mkdir(parents=True)
+    shutil.copyfile(setup[1], data / "gsm8k" / "test.jsonl")
+    out = tmp_path / "eval_results.json"
+    assert cli(["eval", "--model", str(ckpt), "--tasks", "gsm8k", "--data-dir", str(data), "--limit", "4",
+                "--prompt-format", "chat", "--max-new-tokens", "8", "--steps", "4", "--grade-workers", "0",
+                "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["model"] == str(ckpt.resolve()) and summary["tasks"]["gsm8k"]["total"] == 4
+    capsys.readouterr()
+
+    lm = demo.load_model(str(ckpt))
+    answer, status = list(demo.denoise_stream(lm, "1 2", steps=4, max_new_tokens=8))[-1]
+    assert status.startswith("done: 4 forward passes") and "░" not in answer
+    tuned, evals = lm.model.state_dict(), load_for_generation(str(ckpt)).model.state_dict()  # eval's run_shard loader
+    base = load_for_generation(str(setup[0])).model.state_dict()
+    assert tuned.keys() == evals.keys() == base.keys() and all(torch.equal(tuned[k], evals[k]) for k in tuned)
+    # the export is bf16: a weight the run left alone is the base's rounded to bf16
+    changed = [k for k in tuned if not torch.equal(tuned[k], base[k].to(torch.bfloat16).to(tuned[k].dtype))]
+    assert "lm_head.weight" in changed
 
 
 # ----------------------------------------------------------------------------------------------- recipes and errors

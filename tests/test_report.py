@@ -1,6 +1,7 @@
 """`dreamtune report` on a small run directory written here: the figures plot exactly the series in the
 files (checked on the matplotlib artists and in report.json), the HTML is self-contained, optional
-inputs are skipped with a note, and missing required inputs are one error line.
+inputs are skipped with a note, and missing required inputs are one error line. A GRPO run's report, on
+the run directory of a real tiny GRPO run (tests/conftest.py's grpo_run).
 
     pytest tests/test_report.py      # a few seconds
 """
@@ -111,6 +112,7 @@ def test_report_files_carry_the_series_and_are_self_contained(inputs, capsys):
     assert data["series"]["train"]["step"] == STEPS  # the cut-short last line is skipped
     assert data["series"]["val"] == {"step": VAL_STEPS, "val_loss": pytest.approx(VAL)}
     assert data["series"]["accuracy"] == {"base": {"gsm8k": 0.2, "math500": 0.1}, "run": {"gsm8k": 0.5, "math500": 0.3}}
+    assert set(data) == {"run", "series", "figures", "notes", "config"} and "grpo" not in data["series"]  # SFT: no GRPO part
 
     md = (out / "report.md").read_text()
     for png in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "accuracy.png"):
@@ -126,6 +128,7 @@ def test_report_files_carry_the_series_and_are_self_contained(inputs, capsys):
     assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing outside the file
     assert "3*3=?" in html and "&lt;" not in md
+    assert "GRPO" not in md and "No data validation report" not in md
 
 
 def test_missing_optional_inputs_are_noted_not_fatal(inputs, capsys):
@@ -243,3 +246,81 @@ def test_the_trainers_own_truncation_counts_reach_the_report(tiny_model_dir, tmp
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"The trainer's truncation (data.truncation=right, max_length 60) train: {over} truncated" in md
     assert f"{over} answer lost of {len(rows)} rows" in md  # each answer ends its row: every cut row loses it
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def test_grpo_report_shows_the_runs_reward_and_accuracy(grpo_run, tmp_path):
+    """The real run's metrics.jsonl: each GRPO figure plots its key's values step by step, report.json holds
+    them and the first/last tenth means (20 steps: 2 each), and report.md shows those means."""
+    from dreamtune.grpo_config import METRICS
+
+    rows = _rows(grpo_run)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert all(set(r) == {"step", "time_s", *METRICS} for r in rows)  # the names the report reads are the recipe's
+    assert any(r["reward_mean"] != r["accuracy"] for r in rows)  # the format reward: the two series differ
+    assert len({r["reward_mean"] for r in rows}) > 1
+
+    out = tmp_path / "report"
+    assert cli_main(["report", str(grpo_run), "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    g = data["series"]["grpo"]
+    assert g["step"] == list(range(1, 21)) and set(g) == {"step", *R.GRPO_SERIES}
+    for key in R.GRPO_SERIES:
+        assert g[key] == [r[key] for r in rows], key
+    assert data["series"]["train"]["loss"] == [r["loss"] for r in rows]
+    want = {"steps_per_tenth": 2, "first": {"steps": [1, 2]}, "last": {"steps": [19, 20]}}
+    for key in ("reward_mean", "accuracy", "completion_length"):
+        want["first"][key] = _mean([r[key] for r in rows[:2]])
+        want["last"][key] = _mean([r[key] for r in rows[-2:]])
+    assert data["grpo_tenths"] == want  # the same sums in the same order: equal, not close
+    assert data["config"]["trainer.stage"] == "grpo" and data["config"]["grpo.format_reward"] == 0.5
+
+    md = (out / "report.md").read_text()
+    f, la = want["first"], want["last"]
+    assert "|  | first tenth (steps 1-2) | last tenth (steps 19-20) | change |" in md
+    assert f"| reward | {f['reward_mean']:.3f} | {la['reward_mean']:.3f} | {la['reward_mean'] - f['reward_mean']:+.3f} |" in md
+    assert (f"| rollout accuracy | {100 * f['accuracy']:.1f}% | {100 * la['accuracy']:.1f}% | "
+            f"{100 * (la['accuracy'] - f['accuracy']):+.1f} points |") in md
+    assert f"| completion length (tokens) | {f['completion_length']:.1f} | {la['completion_length']:.1f} |" in md
+    for png in (*R.GRPO_FIGURES, "loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
+        assert f"]({png})" in md and (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert set(data["figures"]) == {*R.GRPO_FIGURES, "loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"}
+    html = (out / "report.html").read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == len(data["figures"])
+
+    figs = R.build_figures(R.read_metrics(grpo_run), [])
+    steps = list(range(1, 21))
+    reward = _line(figs["reward.png"], "reward_mean")
+    assert list(reward.get_xdata()) == steps and list(reward.get_ydata()) == [r["reward_mean"] for r in rows]
+    band = [c for c in figs["reward.png"].axes[0].collections if c.get_label() == "reward_mean ± reward_std"]
+    low, high = band[0].get_paths()[0].vertices[:, 1].min(), band[0].get_paths()[0].vertices[:, 1].max()
+    assert low == pytest.approx(min(r["reward_mean"] - r["reward_std"] for r in rows))
+    assert high == pytest.approx(max(r["reward_mean"] + r["reward_std"] for r in rows))
+    acc = _line(figs["rollout_accuracy.png"], "accuracy")
+    assert list(acc.get_ydata()) == pytest.approx([100 * r["accuracy"] for r in rows])
+    for key in ("kl", "clip_fraction", "completion_length"):
+        assert list(_line(figs[f"{key}.png"], key).get_ydata()) == [r[key] for r in rows], key
+    for key in ("rollout_s", "update_s"):
+        assert list(_line(figs["step_time.png"], key).get_ydata()) == [r[key] for r in rows], key
+
+
+def test_grpo_report_without_a_kl_term_has_no_kl_figure(grpo_run, tmp_path):
+    """grpo.beta=0 logs no "kl": the same run's rows without it give no KL figure and no KL series."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kl"}) + "\n"
+                                               for r in _rows(grpo_run)))
+    assert cli_main(["report", str(run)]) == 0
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert "kl" not in data["series"]["grpo"] and "reward_mean" in data["series"]["grpo"]
+    assert "kl.png" not in data["figures"] and "reward.png" in data["figures"] and not (run / "report" / "kl.png").exists()
