@@ -235,7 +235,7 @@ def main() -> None:
               "trainer.log_steps=1", "trainer.total_training_steps=1000", "trainer.save_checkpoint_steps=100000",
               "trainer.keep_last=1", *([] if tiny else ONE_H200), *(["trainer.device=cpu"] if tiny else [])]
     results, skipped = {}, []
-    from dreamtune.checkpoint import dir_bytes
+    from dreamtune.disk import dir_bytes
 
     for kind in kinds:
         left = a.budget_s - (time.time() - t_start)
@@ -295,7 +295,7 @@ def main() -> None:
         res["peak_rss_gib"] = round(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20, 2)
         results[kind] = res
 
-    from dreamtune.checkpoint import format_bytes
+    from dreamtune.disk import format_bytes
 
     print(f"{'kind':<14}{'tok/s':>10}{'MFU':>8}{'peak GiB':>10}{'wall s':>8}  notes")
     for kind, r in results.items():
