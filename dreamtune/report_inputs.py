@@ -13,9 +13,9 @@ from pathlib import Path
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}} from
-    metrics.jsonl. A resumed run can log a step twice: the last row for a step wins."""
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl in the order written (each has a "step"); a torn last line (a run
+    still writing, or killed) is left out."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
@@ -23,8 +23,8 @@ def read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
-    train, val = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows = []
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:
@@ -32,14 +32,22 @@ def read_metrics(run_dir: Path) -> dict:
         except json.JSONDecodeError:
             # the last line of a run that is still writing (or was killed) may be cut short
             continue
-        if not isinstance(row, dict) or "step" not in row:
-            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}} from
+    metrics.jsonl. A resumed run can log a step twice: the last row for a step wins."""
+    train, val = {}, {}
+    for row in metrics_rows(run_dir):
         if "val_loss" in row:
             val[int(row["step"])] = row
         if "loss" in row:
             train[int(row["step"])] = row
     if not train and not val:
-        raise ValueError(f"{path} holds no training steps yet; run the trainer first (or wait for its first step)")
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet; run the trainer first (or wait for its first step)")
     steps = sorted(train)
     out = {"train": {"step": steps}, "val": {"step": sorted(val), "val_loss": [float(val[s]["val_loss"]) for s in sorted(val)]}}
     for key in TRAIN_SERIES:
