@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import learn as L  # noqa: E402  bench/learn.py: data, model, SFT overrides and evaluation
+import learn_common as L  # noqa: E402  bench/learn_common.py: data, model, SFT overrides and evaluation
 
 GPU = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
            kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=150,
@@ -81,6 +81,7 @@ def run(a) -> int:
     from dreamtune.config import load_config
     from dreamtune.data import encode_examples
     from dreamtune.grpo import train as grpo_train
+    from dreamtune.report_inputs import metrics_rows
     from dreamtune.export import save_hf
     from dreamtune.tokenizer import load_tokenizer
     from dreamtune.tasks.synthetic import alphabet
@@ -140,7 +141,7 @@ def run(a) -> int:
     t0 = time.time()
     grpo_train(load_config(None, grpo))
     grpo_s = time.time() - t0
-    curve = [m for m in L.read_metrics(grpo_dir / "metrics.jsonl") if "reward_mean" in m]
+    curve = [m for m in metrics_rows(grpo_dir) if "reward_mean" in m]
     say(f"GRPO: {len(curve)} steps in {grpo_s:.0f}s, reward {curve[0]['reward_mean']:.3f} -> {curve[-1]['reward_mean']:.3f}")
 
     # 4. the control: the same SFT run, resumed from where it stopped for as many steps
