@@ -80,7 +80,6 @@ def write_parquet(rows: list[dict], path: Path) -> None:
                              for k in ("prompt", "response", "answer")}), path)
 
 
-
 # ----------------------------------------------------------------------------------------------- eval
 
 
@@ -95,18 +94,18 @@ def eval_prompt(row: dict, task: str) -> list[dict]:
     return tasks.build_prompt({"question": row["prompt"]}, "chat", task=task, system_prompt=None)
 
 
-
 def evaluate(lm, rows, task, samplers, *, new_tokens: int, device, batch_size: int, seed: int,
              fast_block: int, keep_samples: int = 5, keep_failures: int = 5) -> dict:
     """Accuracy, forward passes and wall time of each sampler on `rows` (greedy, temperature 0), answered and
-    graded as `dreamtune eval` does it. Fast-sampler settings are named `fast@THRESHOLD` (prefix KV cache) or
-    `fast@THRESHOLD-nocache`."""
+    graded as `dreamtune eval` does it: batches by prompt length, each seeded from `seed` and its rows. Fast-
+    sampler settings are named `fast@THRESHOLD` (prefix KV cache) or `fast@THRESHOLD-nocache`. The model runs
+    on its own device (`device` is where the callers loaded it)."""
     from dreamtune.engine import encode_prompt, generate_batches, sampler_for
     from dreamtune.grading import grade_many
 
     lm.model.eval()
     prompts = [encode_prompt(lm.tokenizer, eval_prompt(r, task)) for r in rows]
-    out = {}
+    out, failures = {}, keep_failures  # failures kept beyond the first samples: keep_failures over all samplers
     for alg in samplers:
         if alg.startswith("fast"):
             threshold, use_cache = fast_setting(alg)
@@ -122,7 +121,7 @@ def evaluate(lm, rows, task, samplers, *, new_tokens: int, device, batch_size: i
                                    on_batch=lambda idx, done: nfe.append(done[0]["nfe"]), **kw)
         verdicts = grade_many([{"response": x["response"], "answer": r["answer"]} for x, r in zip(answers, rows)], task)
         wall = time.perf_counter() - t0
-        samples, failures = [], keep_failures
+        samples = []
         for r, x, v in zip(rows, answers, verdicts):
             if len(samples) < keep_samples or (not v["correct"] and failures > 0):
                 failures -= not v["correct"]
@@ -174,10 +173,10 @@ def free_memory(device) -> None:
 
 
 def load_model(path: Path, device):
+    """A saved model in fp32, ready to generate, as the eval verb loads it."""
     from dreamtune.engine import load_for_generation
 
     return load_for_generation(str(path), device.type, "fp32")
-
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -185,6 +184,8 @@ def load_model(path: Path, device):
 
 def train_overrides(a, *, base_dir: Path, train_file: Path, val_file: Path | None, max_length: int, steps: int,
                     run_dir: Path, reweighting: str, device: str) -> list[str]:
+    """The trainer's overrides for one run of the benchmark's model (its settings from the command line `a`):
+    only the final save, validation every steps/20 when there are val rows."""
     return [
         f"model.partial_pretrain={base_dir}", f"data.train_files=['{train_file}']", f"data.max_length={max_length}",
         f"data.train_batch_size={a.batch}", f"data.micro_batch_size_per_gpu={a.micro_batch}", "data.val_batches=2",
