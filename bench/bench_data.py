@@ -1,11 +1,12 @@
 """Benchmark: `dreamtune data prepare` + `dreamtune data validate` on s1K-1.1-sized data.
 
-    /work/venv/bin/python bench/bench_data.py [--rows 1000] [--tokens 8000] [--out FILE]
+    python bench/bench_data.py [--rows 1000] [--tokens 8000] [--out FILE]
 
-Builds 1000 rows with s1K-1.1's columns from the real s1K questions in ../shared/data, with synthetic
-DeepSeek-style traces of about 8k tokens (sentences of real s1K solutions between the hesitations of an
-R1 trace, never one repeated character), then times each command as its own process, as a user runs
-it: interpreter start, imports and tokenizer loading included. Goal: under 30 s in all on 2 CPU cores.
+Builds 1000 rows with s1K-1.1's columns from the real s1K questions (s1k/s1k_question_solution.json of the
+data directory shared/data beside the repository), with synthetic DeepSeek-style traces of about 8k tokens
+(sentences of real s1K solutions between the hesitations of an R1 trace, never one repeated character),
+then times each command as its own process, as a user runs it: interpreter start, imports and tokenizer
+loading included. Goal: under 30 s in all on 2 CPU cores.
 Prints a table and writes the figures as JSON (--out, default $OUT/bench_data.json if OUT is set,
 else bench/results/bench_data.json).
 """

@@ -6,8 +6,8 @@ config) plus Qwen2's vocab.json / merges.txt, random bf16 weights in the four sh
 and with the fast sampler, and a 3-step LoRA `dreamtune train` from the download. Prints a table and
 writes dream_download.json under --out.
 
-    python3 bench/dream_download.py --layout ../shared/data/hub-layouts/dream-v0-base-7b \
-        --tokenizer ../shared/data/tokenizer-dream --out /tmp/dd              # one GPU, ~6 min, ~30 GB disk
+    python3 bench/dream_download.py --layout DIR/dream-v0-base-7b \
+        --tokenizer DIR/tokenizer-dream --out /tmp/dd              # one GPU, ~6 min, ~30 GB disk
     python3 bench/dream_download.py --layout ... --tokenizer ... --out /tmp/dd --tiny   # CPU, seconds
 """
 

@@ -1,4 +1,4 @@
-"""FSDP2 scaling on one host: dreamtune's training step on N GPUs against 1, same global batch (issue 9).
+"""FSDP2 scaling on one host: dreamtune's training step on N GPUs against 1, same global batch.
 
     torchrun --nproc_per_node=1 bench/fsdp_scaling.py            # the reference run (one GPU)
     torchrun --nproc_per_node=8 bench/fsdp_scaling.py            # then 2, 4 or 8 GPUs

@@ -6,7 +6,7 @@
     python bench/generate.py --compile       # decoder layers torch.compiled (each setting compiled, then timed)
 
 Times 256-token generation after a ~100-token prompt at batch 1 and 32:
-- dream: the user's plan's settings: alg entropy, steps = max_new_tokens = 256, temperature 0.2, top_p 0.95
+- dream: the settings of Dream's README: alg entropy, steps = max_new_tokens = 256, temperature 0.2, top_p 0.95
   (the baseline of the "vs dream" column); also Dream's sampler at 64 steps (4 tokens per step);
 - fast, threshold 0.9, block 32, prefix KV cache (Fast-dLLM's settings);
 - fast at a fixed number of tokens per step, with no cache, the prefix cache and the dual cache.
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             seqs[name] = out.sequences
             tps = b * max_new / dt
             if dream_tps is None and name.startswith("dream"):
-                dream_tps = tps  # the plan's setting (steps = max_new_tokens) is the baseline
+                dream_tps = tps  # Dream's README setting (steps = max_new_tokens) is the baseline
             speedup = f"{tps / dream_tps:.1f}x" if dream_tps else "-"
             first_s = f"{first:.2f}" if first is not None else "-"
             print(f"{b:>5}  {name:<34} {out.nfe:>5} {first_s:>8} {dt:>8.2f} {tps:>10.1f} {speedup:>9}", flush=True)

@@ -6,7 +6,7 @@ accuracy from diffu-GRPO with the task's exact-match reward, against the same nu
     PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline on a CPU in a few minutes (2-digit addition)
     PYTHONPATH=. python3 bench/grpo_learn.py --shape dream7b --out $OUT   # rollout tokens/s and one GRPO step, Dream-7B shape, LoRA, one GPU
 
-What runs (bench/learn.py's pieces for data, model, SFT overrides and evaluation; dreamtune's trainers):
+What runs (bench/learn_common.py's pieces, shared with bench/learn.py, for data, model, SFT overrides and evaluation; dreamtune's trainers):
   1. rows of the task (`make_unique_rows`): SFT/GRPO training problems and held-out problems never trained on;
   2. a random Dream-architecture model (`tiny_lm`), SFT by `dreamtune.train.train` on a long cosine schedule,
      stopped early (`trainer.max_steps_this_run`), in rounds of --sft-chunk steps until the held-out accuracy
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import learn as L  # noqa: E402  bench/learn.py: data, model, SFT overrides and evaluation
+import learn_common as L  # noqa: E402  bench/learn_common.py: data, model, SFT overrides and evaluation
 
 GPU = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
            kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=75,
@@ -83,6 +83,7 @@ def run(a) -> int:
     from dreamtune.config import load_config
     from dreamtune.data import encode_examples
     from dreamtune.grpo import train as grpo_train
+    from dreamtune.report_inputs import metrics_rows
     from dreamtune.export import save_hf
     from dreamtune.tokenizer import load_tokenizer
     from dreamtune.tasks.synthetic import alphabet
@@ -98,7 +99,7 @@ def run(a) -> int:
     work = Path(tempfile.mkdtemp(prefix="dreamtune-grpo-learn-"))
     say = lambda m: print(f"[grpo_learn {time.time() - t_start:6.1f}s] {m}", flush=True)  # noqa: E731
 
-    # 1-2. data and the random base model, as bench/learn.py makes them
+    # 1-2. data and the random base model, as bench/learn.py makes them (bench/learn_common.py)
     rows = L.make_unique_rows(a.task, a.train_rows + a.eval_rows, a.seed, a.task_opts, workers=min(16, os.cpu_count() or 1))
     eval_rows, train_rows = rows[:a.eval_rows], rows[a.eval_rows:]
     train_file = work / "train.parquet"
@@ -145,7 +146,7 @@ def run(a) -> int:
         grpo_dir = work / f"grpo-run-lr{lr:g}"
         t0 = time.time()
         grpo_train(load_config(None, grpo_args(lr, grpo_dir)))
-        curve = [m for m in L.read_metrics(grpo_dir / "metrics.jsonl") if "reward_mean" in m]
+        curve = [m for m in metrics_rows(grpo_dir) if "reward_mean" in m]
         tail = curve[-max(1, len(curve) // 10):]
         arms.append({"lr": lr, "dir": grpo_dir, "grpo_s": time.time() - t0, "curve": curve,
                      "final_reward": sum(m["reward_mean"] for m in tail) / len(tail)})

@@ -6,11 +6,11 @@
 
 It builds, once (kept in --work between calls), a random model of Dream-v0-Base-7B's shape (Qwen2: hidden
 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, vocab 152064, rope_theta 1e6; 7.6B parameters)
-saved with dreamtune.models.save_dream in bf16, with the Dream tokenizer from ../shared/data/tokenizer-dream
-(or --shared DIR/tokenizer-dream) copied in, and two datasets: s1K-like rows (the real s1K questions of
-../shared/data/s1k/s1k_question_solution.json with long synthetic traces built from sentences of the real
-solutions, about --trace-tokens tokens, so that right truncation at 2048 applies) and GSM8K rows
-(../shared/data/eval/gsm8k/train.jsonl). Each kind is one `python -m dreamtune.train` subprocess on
+saved with dreamtune.models.save_dream in bf16, with the Dream tokenizer of the data directory --shared DIR
+(DIR/tokenizer-dream) copied in, and two datasets: s1K-like rows (the real s1K questions of
+DIR/s1k/s1k_question_solution.json with long synthetic traces built from sentences of the real solutions,
+about --trace-tokens tokens, so that right truncation at 2048 applies) and GSM8K rows
+(DIR/eval/gsm8k/train.jsonl). Without --shared, DIR is shared/data beside the repository or inside it. Each kind is one `python -m dreamtune.train` subprocess on
 configs/dream7b_s1k.yaml with the one-H200 settings (optim.state_dtype=bfloat16 model.compile=true
 model.enable_gradient_checkpointing=false), no validation:
 
@@ -72,8 +72,8 @@ def shared_dir(arg: str | None) -> Path:
     for d in ([Path(arg)] if arg else [REPO.parent / "shared" / "data", REPO / "shared" / "data"]):
         if (d / "tokenizer-dream").is_dir() and (d / "s1k").is_dir():
             return d
-    sys.exit("error: the shared data (tokenizer-dream, s1k, eval/gsm8k) is not at ../shared/data or ./shared/data; "
-             "pass --shared DIR")
+    sys.exit("error: no data directory with tokenizer-dream/, s1k/ and eval/gsm8k/ found (shared/data beside or inside "
+             "the repository); pass --shared DIR")
 
 
 def build_model(d: Path, shape: dict, shared: Path) -> None:
@@ -206,7 +206,7 @@ def main() -> None:
                     f"default all, with --tiny {','.join(TINY_KINDS)})")
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results")))
     ap.add_argument("--work", default=str(REPO / "runs" / "train_e2e"), help="model, data and runs (kept between calls)")
-    ap.add_argument("--shared", default=None, help="the shared data directory (default ../shared/data)")
+    ap.add_argument("--shared", default=None, help="data directory holding tokenizer-dream/, s1k/ and eval/gsm8k/ (default: shared/data beside or inside the repository)")
     ap.add_argument("--budget-s", type=float, default=540, help="start no kind after this many seconds")
     ap.add_argument("--tokens", type=int, default=None, help="data.micro_batch_tokens of the *-tokens kinds (4096)")
     ap.add_argument("--rows", type=int, default=None, help="rows of each dataset (320; tiny 24)")
@@ -239,7 +239,7 @@ def main() -> None:
               "trainer.log_steps=1", "trainer.total_training_steps=1000", "trainer.save_checkpoint_steps=100000",
               "trainer.keep_last=1", *([] if tiny else ONE_H200), *(["trainer.device=cpu"] if tiny else [])]
     results, skipped = {}, []
-    from dreamtune.checkpoint import dir_bytes
+    from dreamtune.disk import dir_bytes
 
     for kind in kinds:
         left = a.budget_s - (time.time() - t_start)
@@ -303,7 +303,7 @@ def main() -> None:
         res["peak_rss_gib"] = round(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20, 2)
         results[kind] = res
 
-    from dreamtune.checkpoint import format_bytes
+    from dreamtune.disk import format_bytes
 
     print(f"{'kind':<14}{'tok/s':>10}{'MFU':>8}{'peak GiB':>10}{'wall s':>8}  notes")
     for kind, r in results.items():

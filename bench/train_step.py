@@ -286,7 +286,7 @@ def run_variant(name: str, shape: dict, B: int, L: int, device, warmup: int, ite
 
 def s1k_like_lengths(n: int, g: torch.Generator, max_length: int) -> list[int]:
     """Lengths of s1K question+solution rows rendered with the Dream tokenizer (bench/s1k_lengths.json,
-    made from ../shared/data/s1k by bench/s1k_lengths.py), or a log-normal stand-in when absent."""
+    made from the s1K questions and solutions by bench/s1k_lengths.py), or a log-normal stand-in when absent."""
     p = Path(__file__).with_name("s1k_lengths.json")
     if p.exists():
         lengths = json.loads(p.read_text())["total"]

@@ -18,10 +18,9 @@ TRAIN_SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
 GRPO_SERIES = tuple(k for k in GRPO_METRICS if k not in TRAIN_SERIES)
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}, "grpo": {step,
-    and each GRPO_SERIES key any GRPO row has: lists}} from metrics.jsonl; "grpo" has no steps for an SFT run.
-    A resumed run can log a step twice: the last row for a step wins."""
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl in the order written (each has a "step"); a torn last line (a run
+    still writing, or killed) is left out."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
@@ -29,8 +28,8 @@ def read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
-    train, val, grpo = {}, {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows = []
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:
@@ -38,8 +37,17 @@ def read_metrics(run_dir: Path) -> dict:
         except json.JSONDecodeError:
             # the last line of a run that is still writing (or was killed) may be cut short
             continue
-        if not isinstance(row, dict) or "step" not in row:
-            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """{"train": {step, loss, lr, grad_norm, tokens_per_s: lists}, "val": {step, val_loss: lists}, "grpo": {step,
+    and each GRPO_SERIES key any GRPO row has: lists}} from metrics.jsonl; "grpo" has no steps for an SFT run.
+    A resumed run can log a step twice: the last row for a step wins."""
+    train, val, grpo = {}, {}, {}
+    for row in metrics_rows(run_dir):
         if "val_loss" in row:
             val[int(row["step"])] = row
         if "loss" in row:
@@ -47,7 +55,7 @@ def read_metrics(run_dir: Path) -> dict:
         if "reward_mean" in row:  # a GRPO step
             grpo[int(row["step"])] = row
     if not train and not val:
-        raise ValueError(f"{path} holds no training steps yet; run the trainer first (or wait for its first step)")
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet; run the trainer first (or wait for its first step)")
     steps = sorted(train)
     out = {"train": {"step": steps}, "val": {"step": sorted(val), "val_loss": [float(val[s]["val_loss"]) for s in sorted(val)]}}
     for key in TRAIN_SERIES:

@@ -256,8 +256,8 @@ def train(cfg) -> Path:
 
 def preflight_disk(run_dir: Path, model, lm, cfg, plan: dict, start: int, dev: D.Dist) -> dict:
     """The sizes of this run's checkpoints against the free space of the run directory's disk, before step 1
-    (checkpoint.preflight); rank 0 decides for all."""
-    from dreamtune.checkpoint import preflight
+    (disk.preflight); rank 0 decides for all."""
+    from dreamtune.disk import preflight
 
     result = None
     if dev.is_main:

@@ -37,7 +37,7 @@ def estimates(monkeypatch):
 def test_size_estimate_matches_the_bytes_written(tiny_model_dir, sft_data, tmp_path, monkeypatch, setting):
     """The pre-flight's size of a resumable checkpoint (or a weights-only one) and of checkpoint-final (and
     the Dream-format copy) are within 5% of the files the run then writes."""
-    from dreamtune.checkpoint import dir_bytes
+    from dreamtune.disk import dir_bytes
 
     seen = estimates(monkeypatch)
     run = tmp_path / "run"
@@ -55,7 +55,7 @@ def test_size_estimate_matches_the_bytes_written(tiny_model_dir, sft_data, tmp_p
 def fake_free(monkeypatch, free: int):
     import shutil
 
-    import dreamtune.checkpoint as C
+    import dreamtune.disk as C
 
     real = shutil.disk_usage
     monkeypatch.setattr(C.shutil, "disk_usage", lambda p: real(p)._replace(free=free))

@@ -1,4 +1,4 @@
-"""Config: defaults, YAML recipes, the plan's aliases and list values, strict errors, `train --dry-run`."""
+"""Config: defaults, YAML recipes, aliases of keys that Dream launch lines write, list values, strict errors, `train --dry-run`."""
 
 from pathlib import Path
 
@@ -8,8 +8,8 @@ from dreamtune.cli import main as cli
 from dreamtune.config import load_config, valid_keys
 
 REPO = Path(__file__).resolve().parents[1]
-# The user's plan's override list (scripts/run_sft_s1k.sh), verbatim but for paths.
-PLAN = [
+# The override list of scripts/run_sft_s1k.sh (Dream's keys, as written for Dream's trainer), verbatim but for paths.
+LAUNCH = [
     "diffusion.time_reweighting=cart", "data.max_length=2048", "data.prompt_key=prompt",
     "data.response_key=response", "data.truncation=right", "optim.lr=2e-6", "data.micro_batch_size_per_gpu=2",
     "data.enable_perbatch_cutoff=True", "data.perbatch_cutoff_type=random_with_input_pad",
@@ -42,8 +42,8 @@ def test_defaults_suit_s1k():
     assert list(cfg.optim.betas) == [0.9, 0.95]
 
 
-def test_plan_overrides_and_aliases():
-    cfg = load_config(None, PLAN + ["+data.perbatch_cutoff=True", "data.train_files=a.parquet"])
+def test_launch_script_overrides_and_aliases():
+    cfg = load_config(None, LAUNCH + ["+data.perbatch_cutoff=True", "data.train_files=a.parquet"])
     assert cfg.data.perbatch_cutoff is True
     assert cfg.trainer.save_checkpoint_steps == 500
     assert list(cfg.trainer.logger) == ["console", "wandb"]
@@ -75,7 +75,7 @@ def test_bad_overrides_name_the_key(override, fragment, capsys):
 
 
 def test_dry_run_plan(tiny_model_dir, sft_data, capsys):
-    code = cli(["train", "--dry-run", *PLAN, f"model.partial_pretrain={tiny_model_dir}",
+    code = cli(["train", "--dry-run", *LAUNCH, f"model.partial_pretrain={tiny_model_dir}",
                 f"data.train_files={sft_data / 'train.parquet'}", f"data.val_files={sft_data / 'val.parquet'}",
                 "data.train_batch_size=8"])
     out = capsys.readouterr().out

@@ -385,7 +385,7 @@ def test_bad_inputs(s1k11, tmp_path, capsys):
     rows, path = s1k11
     out = tmp_path / "new" / "out"
     prep = ["prepare", "--out", out]
-    # the plan's mistake: response/answer columns that s1K-1.1 does not have
+    # a likely mistake: response/answer columns that s1K-1.1 does not have
     err = assert_fails(capsys, out, *prep, "--input", path, "--format", "generic", "--prompt-column", "question",
                        "--response-column", "answer", match="column 'answer' not found")
     assert "deepseek_attempt" in err and "use --format s1k-1.1" in err

@@ -1,4 +1,5 @@
-"""`dreamtune doctor` runs and reports the pieces the plan's environment check asks for."""
+"""`dreamtune doctor` runs and reports the environment a run depends on: Python, torch, transformers, CUDA,
+free disk and the optional extras."""
 
 from dreamtune.cli import main as cli
 from dreamtune.doctor import _older

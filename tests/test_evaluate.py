@@ -1,7 +1,7 @@
 """`dreamtune eval`, `compare` and `generate` end to end on a tiny random model, plus the pure pieces
 (merge of rank parts, sharding, config checks) and the one-line CLI errors.
 
-Run: /work/venv/bin/pytest tests/test_evaluate.py -q   (uses ../shared/data/eval; skips without it)
+Run: python -m pytest tests/test_evaluate.py -q   (uses ../shared/data/eval; skips without it)
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def test_step_11_report_reads_every_file_and_the_runs_validation(journey):
 
 @pytest.mark.slow
 def test_step_12_notebooks_on_the_readmes_layout(journey, monkeypatch):
-    """analyze_results reads results/ holding both eval_results.json and compare.json (it used to crash)."""
+    """analyze_results reads results/ holding both eval_results.json and compare.json side by side."""
     pytest.importorskip("nbclient", reason="pip install 'dreamtune[notebooks]'")
     from test_notebooks import _images, _text, execute
 

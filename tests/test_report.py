@@ -98,6 +98,21 @@ def test_figures_plot_the_series_of_the_files(inputs):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["gsm8k", "math500"]
 
 
+def test_metrics_rows_keep_every_row_in_order_and_skip_a_torn_line(inputs):
+    """metrics_rows (what the benchmarks read step times and reward curves from): every written row, train
+    and validation interleaved as logged, every key kept; the cut-short last line left out."""
+    from dreamtune.report_inputs import metrics_rows
+
+    rows = metrics_rows(inputs["run"])
+    assert len(rows) == len(STEPS) + len(VAL_STEPS)
+    assert [r["step"] for r in rows if "loss" in r] == STEPS
+    assert [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r] == list(zip(VAL_STEPS, VAL))
+    assert rows[9]["step"] == 10 and "loss" in rows[9] and rows[10] == {"step": 10, "val_loss": 1.5, "time_s": 1.0}
+    assert rows[0]["masked_tokens"] == 40 and rows[-1]["step"] == 40
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        metrics_rows(inputs["tmp"])
+
+
 def test_report_files_carry_the_series_and_are_self_contained(inputs, capsys):
     out = inputs["tmp"] / "report"
     argv = ["report", str(inputs["run"]), "--compare", str(inputs["compare"]), "--validation", str(inputs["validation"]),

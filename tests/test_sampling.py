@@ -1,6 +1,6 @@
 """Sampler facts on tiny random models (CPU, seconds): Dream's loop and the fast sampler.
 
-Run: /work/venv/bin/pytest tests/test_sampling.py -q
+Run: python -m pytest tests/test_sampling.py -q
 """
 
 from __future__ import annotations

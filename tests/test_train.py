@@ -1,5 +1,5 @@
-"""The trainer end to end on CPU: it learns, LoRA trains only adapters, exact resume after a kill, the plan's
-script under torchrun (FSDP2 on gloo), equality of 2-process and 1-process runs, and clean failures."""
+"""The trainer end to end on CPU: it learns, LoRA trains only adapters, exact resume after a kill,
+scripts/run_sft_s1k.sh under torchrun (FSDP2 on gloo), equality of 2-process and 1-process runs, and clean failures."""
 
 import json
 import os
@@ -293,7 +293,7 @@ def test_oom_message_gives_the_plan_and_the_remedies():
     for remedy in ["micro_batch_size_per_gpu=1", "enable_gradient_checkpointing=True", "max_length=1024",
                    "optim.state_dtype=bfloat16", "lora_rank=16", "cpu_offload=True"]:
         assert remedy in msg
-    cfg.optim.state_dtype = "bfloat16"  # already on: the plan counts 12 bytes per parameter, not 16
+    cfg.optim.state_dtype = "bfloat16"  # already on: the message counts 12 bytes per parameter, not 16
     msg = oom_message(cfg, {"micro_batch": 2}, Dist(world=1), 7_615_616_512)
     assert "85 GiB" in msg and "state_dtype" not in msg
 
