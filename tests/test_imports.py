@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dreamtune"
-LEAVES = {"dreamtune.report", "dreamtune.report_inputs", "dreamtune.demo", "dreamtune.quickstart"}
+LEAVES = {"dreamtune.report", "dreamtune.report_inputs", "dreamtune.report_render", "dreamtune.demo", "dreamtune.quickstart"}
 
 
 def module_name(path: Path) -> str:
