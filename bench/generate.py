@@ -12,7 +12,7 @@ Times 256-token generation after a ~100-token prompt at batch 1 and 32:
 - fast at a fixed number of tokens per step, with no cache, the prefix cache and the dual cache.
 
 The fast sampler's forwards run as CUDA graphs on a GPU (dreamtune.kv_forward), captured the second time a
-shape is seen and kept on the model: each fast row is run twice, the first time ("first s": shapes seen,
+shape is seen and kept with the model (fast_sampling.graph_cache): each fast row is run twice, the first time ("first s": shapes seen,
 graphs captured) and then timed ("time s"); one row repeats 8/step with the dual cache without graphs.
 Before the rows, one graph replay is checked against the eager forward (max abs difference printed).
 
