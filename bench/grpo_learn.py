@@ -4,6 +4,7 @@ accuracy from diffu-GRPO with the task's exact-match reward, against the same nu
 
     PYTHONPATH=. python3 bench/grpo_learn.py --out $OUT      # one H200, under 10 minutes (4x4 sudoku, 10 blanks)
     PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline on a CPU in a few minutes (2-digit addition)
+    PYTHONPATH=. python3 bench/grpo_learn.py --cpu-study --threads 1 --arms "lr=1e-4;lr=1e-4,beta=0.04"   # GRPO settings on a CPU
     PYTHONPATH=. python3 bench/grpo_learn.py --shape dream7b --out $OUT   # rollout tokens/s and one GRPO step, Dream-7B shape, LoRA, one GPU
 
 What runs (bench/learn_common.py's pieces, shared with bench/learn.py, for data, model, SFT overrides and evaluation; dreamtune's trainers):
@@ -13,12 +14,23 @@ What runs (bench/learn_common.py's pieces, shared with bench/learn.py, for data,
      (fast sampler, greedy) reaches --sft-target (the goal is a start between 40% and 80%);
   3. GRPO (`dreamtune.grpo.train`, trainer.stage=grpo) from that checkpoint, --grpo-steps steps, reward 1 for
      an exact final answer (`grade_synthetic`), once per learning rate of --grpo-lr (a comma-separated list:
-     one run each from the same start). The run reported as GRPO's is chosen by its own training reward (the
-     mean of its last tenth of steps), never by held-out accuracy; every run's held-out figures are recorded;
+     one run each from the same start), or once per run of --arms ("lr=1e-4;lr=5e-4,beta=0.04": settings
+     lr, beta, iterations, temperature, generations, prompts, p_mask_prompt, epsilon, prompt_mask_per_group,
+     schedule; the others from the command line). The run reported as GRPO's is chosen by its own training
+     reward (the mean of its last tenth of steps), never by held-out accuracy; every run's held-out figures,
+     reward, clip-fraction and grad-norm curves (by tenths) are recorded in the JSON's grpo_runs;
   4. the control: the stopped SFT run resumed for the same number of steps;
   5. held-out accuracy of all three (every --samplers setting, greedy), the reward curve, a table, and
-     grpo_learn.json (grpo_learn_tiny.json with --tiny) in --out ($OUT, else bench/results).
+     grpo_learn.json (grpo_learn_tiny.json with --tiny, grpo_learn_cpu_study.json with --cpu-study) in --out
+     ($OUT, else bench/results). --save-start DIR keeps the SFT start and its prompts (bench/grpo_grad_noise.py).
 Goal: GRPO at least +10 points over its start, and ahead of the control.
+
+--cpu-study: --tiny's model (hidden 64, 2 layers) and task (2-digit addition) on a long SFT schedule (10,000
+steps, lr 3e-3), stopped from step 1500 in rounds of 300 at 45% held-out: 59.6% at step 3000 in ~95 s with
+one thread (deterministic on a CPU: every run starts there); 500 held-out problems; GRPO 100 steps of 16
+prompts x 8 rollouts, ~1 minute a run. `--task sudoku --task-opts '{"blanks": 4}'` instead: the GPU's task
+family (56-token answers over 2 fast-sampler blocks), 57.8% at step 1500 in ~60 s, ~2.3 minutes a GRPO run.
+The CPU study of 2026-12-01 (17 runs: the commands and the table) is in BENCHMARKS.md, diffu-GRPO.
 """
 
 from __future__ import annotations
@@ -40,15 +52,59 @@ import learn_common as L  # noqa: E402  bench/learn_common.py: data, model, SFT 
 GPU = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
            kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=75,
            sft_first=300, sft_rounds=6, sft_target=0.45, grpo_steps=150, prompts=64, generations=8, iterations=2,
-           grpo_lr="5e-5", temperature=1.0)  # two learning rates (--grpo-lr 5e-5,2e-5) need about 10 minutes
+           grpo_lr="5e-5", temperature=1.0, beta=0.0)  # two learning rates (--grpo-lr 5e-5,2e-5) need about 10 minutes
 TINY = dict(task="arithmetic", task_opts={"op": "add", "digits": 2}, train_rows=3_000, eval_rows=40, hidden=64, layers=2,
             heads=4, kv_heads=2, intermediate=128, batch=16, micro_batch=16, lr=3e-3, sft_total=2000, sft_chunk=40,
             sft_first=60, sft_rounds=2, sft_target=0.4, grpo_steps=4, prompts=4, generations=4, iterations=2,
-            grpo_lr="2e-5", temperature=1.0)
+            grpo_lr="2e-5", temperature=1.0, beta=0.0)
+# --cpu-study: a start between 40% and 80% on a CPU in about two minutes, and GRPO runs of a minute or two each
+CPU_STUDY = dict(TINY, train_rows=6_000, eval_rows=500, sft_total=10_000, sft_first=1500, sft_chunk=300, sft_rounds=12,
+                 sft_target=0.45, grpo_steps=100, prompts=16, generations=8)
+def _flag(v: str) -> bool:
+    if v.lower() not in ("1", "0", "true", "false"):
+        raise SystemExit(f"--arms: expected true/false/1/0, got '{v}'")
+    return v.lower() in ("1", "true")
+
+
+ARM_KEYS = {"lr": float, "beta": float, "iterations": int, "temperature": float, "generations": int, "prompts": int,
+            "p_mask_prompt": float, "epsilon": float, "prompt_mask_per_group": _flag, "schedule": str}  # what one GRPO run of --arms may set
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab): Dream-v0-7B's, and a CPU check of the same code
     "dream7b": (3584, 28, 28, 4, 18944, 152064),
     "tiny": (64, 2, 4, 2, 128, 512),
 }
+
+
+def tenths(curve: list[dict], key: str) -> list[float]:
+    """The mean of `key` over each tenth of a run's steps (a last, shorter chunk when the steps do not divide)."""
+    k = max(1, len(curve) // 10)
+    return [sum(m.get(key, 0.0) for m in curve[i:i + k]) / len(curve[i:i + k]) for i in range(0, len(curve), k)]
+
+
+def parse_arms(spec: str | None, a) -> list[dict]:
+    """The GRPO runs from one SFT start: --arms "lr=5e-5;lr=5e-5,beta=0.04,iterations=8" (each run: the command
+    line's settings, these replaced), else one run per learning rate of --grpo-lr."""
+    base = {"beta": a.beta, "iterations": a.iterations, "temperature": a.temperature, "generations": a.generations,
+            "prompts": a.prompts, "p_mask_prompt": a.p_mask_prompt, "epsilon": a.epsilon,
+            "prompt_mask_per_group": a.prompt_mask_per_group, "schedule": a.grpo_schedule}
+    if not spec:
+        return [{**base, "lr": lr, "label": f"lr {lr:g}"} for lr in a.grpo_lr]
+    arms = []
+    for part in (x.strip() for x in spec.split(";")):
+        if not part:
+            continue
+        arm, given = {**base, "lr": a.grpo_lr[0]}, []
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in ARM_KEYS:
+                raise SystemExit(f"--arms: unknown setting '{key}' in '{part}'; settings: {', '.join(ARM_KEYS)}")
+            arm[key] = ARM_KEYS[key](value.strip())
+            if key == "schedule" and arm[key] not in ("constant", "cosine"):
+                raise SystemExit(f"--arms: schedule is constant or cosine, got '{arm[key]}'")
+            given.append(key)
+        arms.append({**arm, "label": " ".join(f"{k}={arm[k]:g}" if not isinstance(arm[k], str) else f"{k}={arm[k]}"
+                                              for k in given)})
+    return arms
 
 
 def hf_from_checkpoint(base_dir: Path, ckpt: Path, out: Path) -> Path:
@@ -129,28 +185,35 @@ def run(a) -> int:
         say(f"SFT stopped at step {done}: held-out {100 * start_acc:.1f}% (fast@0.9)")
         if start_acc >= a.sft_target:
             break
+    if a.save_start:  # the start and its prompts, for bench/grpo_grad_noise.py and the like
+        keep = Path(a.save_start)
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(start_dir, keep / "sft-start", dirs_exist_ok=True)
+        shutil.copyfile(train_file, keep / "train.parquet")
+        say(f"SFT start kept in {keep}/sft-start ({new_tokens} new tokens), its prompts in {keep}/train.parquet")
 
-    # 3. GRPO from the stopped SFT model, once per learning rate
-    def grpo_args(lr: float, grpo_dir: Path) -> list[str]:
+    # 3. GRPO from the stopped SFT model, once per run of --arms (or learning rate of --grpo-lr)
+    def grpo_args(arm: dict, grpo_dir: Path) -> list[str]:
         return [f"model.partial_pretrain={start_dir}", "trainer.stage=grpo", f"grpo.task={a.task}", f"grpo.prompts_file={train_file}",
-            "grpo.prompt_format=sft", f"grpo.num_generations={a.generations}", f"grpo.num_iterations={a.iterations}",
-            f"grpo.max_new_tokens={new_tokens}", "grpo.block_length=32", f"grpo.temperature={a.temperature}",
-            "grpo.beta=0.0", "grpo.threshold=0.9", f"data.train_batch_size={a.prompts}",
-            f"data.micro_batch_size_per_gpu={a.prompts}", f"optim.lr={lr}", "optim.lr_scheduler=constant",
+            "grpo.prompt_format=sft", f"grpo.num_generations={arm['generations']}", f"grpo.num_iterations={arm['iterations']}",
+            f"grpo.max_new_tokens={new_tokens}", "grpo.block_length=32", f"grpo.temperature={arm['temperature']}",
+            f"grpo.beta={arm['beta']}", "grpo.threshold=0.9", f"data.train_batch_size={arm['prompts']}",
+            f"data.micro_batch_size_per_gpu={arm['prompts']}", f"optim.lr={arm['lr']}", f"optim.lr_scheduler={arm['schedule']}",
             "optim.warmup_steps_ratio=0", f"trainer.total_training_steps={a.grpo_steps}", f"trainer.default_local_dir={grpo_dir}",
             f"trainer.save_checkpoint_steps={10**9}", "trainer.logger=['console']", f"trainer.device={device.type}",
-            f"trainer.seed={a.seed}", "model.dtype=bf16"]
+            f"trainer.seed={a.seed}", "model.dtype=bf16"] + [f"grpo.{k}={arm[k]}" for k in ("p_mask_prompt", "epsilon",
+                                                           "prompt_mask_per_group") if arm[k] is not None]
 
     arms = []
-    for lr in a.grpo_lr:
-        grpo_dir = work / f"grpo-run-lr{lr:g}"
+    for k, arm in enumerate(a.arms):
+        grpo_dir = work / f"grpo-run-{k}"
         t0 = time.time()
-        grpo_train(load_config(None, grpo_args(lr, grpo_dir)))
+        grpo_train(load_config(None, grpo_args(arm, grpo_dir)))
         curve = [m for m in metrics_rows(grpo_dir) if "reward_mean" in m]
         tail = curve[-max(1, len(curve) // 10):]
-        arms.append({"lr": lr, "dir": grpo_dir, "grpo_s": time.time() - t0, "curve": curve,
+        arms.append({**arm, "dir": grpo_dir, "grpo_s": time.time() - t0, "curve": curve,
                      "final_reward": sum(m["reward_mean"] for m in tail) / len(tail)})
-        say(f"GRPO lr {lr:g}: {len(curve)} steps in {arms[-1]['grpo_s']:.0f}s, reward {curve[0]['reward_mean']:.3f} -> "
+        say(f"GRPO {arm['label']}: {len(curve)} steps in {arms[-1]['grpo_s']:.0f}s, reward {curve[0]['reward_mean']:.3f} -> "
             f"{curve[-1]['reward_mean']:.3f} (last tenth {arms[-1]['final_reward']:.3f})")
     chosen = max(arms, key=lambda arm: arm["final_reward"])  # training reward only: held-out rows stay unseen
     grpo_dir, grpo_s, curve = chosen["dir"], chosen["grpo_s"], chosen["curve"]
@@ -174,29 +237,29 @@ def run(a) -> int:
               "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "new_tokens": new_tokens},
               "sft_rounds": rounds, "sft_steps": done, "grpo_steps": a.grpo_steps, "grpo_s": grpo_s, "eval": evals,
               "grpo_lr": chosen["lr"], "chosen_by": "the highest mean training reward over the last tenth of steps",
-              "grpo_runs": [{"lr": arm["lr"], "grpo_s": arm["grpo_s"], "final_train_reward": arm["final_reward"],
-                             "eval": arm["eval"]} for arm in arms],
+              "grpo_runs": [{**{k: arm[k] for k in ARM_KEYS}, "grpo_s": arm["grpo_s"], "final_train_reward": arm["final_reward"],
+                             "reward_tenths": tenths(arm["curve"], "reward_mean"),
+                             "clip_fraction_tenths": tenths(arm["curve"], "clip_fraction"),
+                             "grad_norm_tenths": tenths(arm["curve"], "grad_norm"), "eval": arm["eval"]} for arm in arms],
               "reward_curve": [{k: m[k] for k in ("step", "reward_mean", "reward_std", "accuracy", "clip_fraction",
                                                    "completion_length", "rollout_s", "update_s")} for m in curve],
               "summary": {"sampler": main, "grpo_gain_points": 100 * gain, "control_gain_points": 100 * control_gain,
                           "start_in_40_80": 0.4 <= evals["sft_start"][main]["accuracy"] <= 0.8,
                           "goal_plus_10": gain >= 0.10, "grpo_beats_control": gain > control_gain},
               "total_s": time.time() - t_start}
-    name = a.name or ("grpo_learn_tiny" if a.tiny else "grpo_learn")
+    name = a.name or ("grpo_learn_cpu_study" if a.cpu_study else "grpo_learn_tiny" if a.tiny else "grpo_learn")
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"grpo_learn: {a.task} {json.dumps(a.task_opts)}, SFT stopped at {done} steps, {a.grpo_steps} GRPO steps "
           f"({a.prompts} prompts x {a.generations}), {len(eval_rows)} held-out problems, {result['device']}")
     for arm in arms:
-        print(f"GRPO lr {arm['lr']:g}: last-tenth training reward {arm['final_reward']:.3f}, held-out "
+        print(f"GRPO {arm['label']}: last-tenth training reward {arm['final_reward']:.3f}, held-out "
               f"{100 * arm['eval'][main]['accuracy']:.1f}% ({main}){'  <- chosen' if arm is chosen else ''}")
     print(f"{'sampler':<16}{'SFT start':>11}{'+GRPO':>9}{'+SFT':>9}")
     for s in a.samplers:
         print(f"{s:<16}" + "".join(f"{100 * evals[n][s]['accuracy']:>{w}.1f}%" for n, w in
                                    [("sft_start", 10), ("grpo", 8), ("sft_control", 8)]))
-    k = max(1, len(curve) // 10)
-    print("reward curve (mean of each tenth): " + " ".join(f"{sum(m['reward_mean'] for m in curve[i:i + k]) / len(curve[i:i + k]):.2f}"
-                                                       for i in range(0, len(curve), k)))
+    print("reward curve (mean of each tenth): " + " ".join(f"{x:.2f}" for x in tenths(curve, "reward_mean")))
     s = result["summary"]
     print(f"GRPO {s['grpo_gain_points']:+.1f} points, SFT control {s['control_gain_points']:+.1f}; goal +10 "
           f"{'MET' if s['goal_plus_10'] else 'NOT MET'}; start in 40-80% {'yes' if s['start_in_40_80'] else 'NO'}; "
@@ -277,6 +340,8 @@ def shape_run(a) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU-sized model, task and steps")
+    p.add_argument("--cpu-study", action="store_true", help="the --tiny model and task, trained to a 40-80%% start: "
+                   "GRPO settings compared on a CPU (see the docstring)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="time rollouts and one GRPO step at this shape instead")
     p.add_argument("--task", choices=["arithmetic", "sudoku"])
     p.add_argument("--task-opts", type=json.loads)
@@ -284,8 +349,14 @@ def parse_args(argv):
                      ("kv-heads", int), ("intermediate", int), ("batch", int), ("micro-batch", int), ("lr", float),
                      ("sft-total", int), ("sft-chunk", int), ("sft-first", int), ("sft-rounds", int),
                      ("sft-target", float), ("grpo-steps", int), ("prompts", int), ("generations", int),
-                     ("iterations", int), ("grpo-lr", str), ("temperature", float)]:
+                     ("iterations", int), ("grpo-lr", str), ("temperature", float), ("beta", float),
+                     ("p-mask-prompt", float), ("epsilon", float), ("prompt-mask-per-group", _flag)]:
         p.add_argument(f"--{name}", type=tp)
+    p.add_argument("--grpo-schedule", default="constant", choices=["constant", "cosine"],
+                   help="GRPO's learning-rate schedule (cosine: to 0 at the last step)")
+    p.add_argument("--arms", default=None, help='GRPO runs from the one SFT start, e.g. "lr=5e-5;lr=5e-5,beta=0.04,'
+                   'iterations=8" (settings: ' + ", ".join(ARM_KEYS) + '; the rest from the command line); default: '
+                   'one per --grpo-lr')
     p.add_argument("--samplers", default="fast@0.9,maskgit_plus", help="held-out evaluation settings (greedy)")
     p.add_argument("--shape-prompts", type=int, default=8, help="--shape: prompts per step (x grpo.num_generations)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="--shape: prompt length")
@@ -296,12 +367,14 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
+    p.add_argument("--save-start", default=None, help="copy the SFT start (sft-start/) and train.parquet here")
     a = p.parse_args(argv)
-    for k, v in (TINY if a.tiny else GPU).items():
+    for k, v in (CPU_STUDY if a.cpu_study else TINY if a.tiny else GPU).items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     a.samplers = [s for s in a.samplers.split(",") if s]
     a.grpo_lr = [float(x) for x in str(a.grpo_lr).split(",") if x]
+    a.arms = parse_arms(a.arms, a)
     return a
 
 

@@ -57,20 +57,27 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.
     return (stops_before == 0).float()
 
 
-def prompt_noise(prompt_mask: torch.Tensor, p_mask: float, generator: torch.Generator) -> torch.Tensor:
-    """Which prompt tokens to mask: each real (non-pad) token with probability p_mask. [B, P] -> bool [B, P]."""
-    u = torch.rand(prompt_mask.shape, generator=generator, device=prompt_mask.device)
+def prompt_noise(prompt_mask: torch.Tensor, p_mask: float, generator: torch.Generator, group: int = 1) -> torch.Tensor:
+    """Which prompt tokens to mask: each real (non-pad) token with probability p_mask. [B, P] -> bool [B, P].
+    group > 1: one draw per `group` consecutive rows (the rollouts of one prompt share their mask); group 1 is
+    one draw per row, d1's (and the same numbers as before the option existed)."""
+    b, p = prompt_mask.shape
+    assert b % group == 0, (b, group)
+    u = torch.rand((b // group, p), generator=generator, device=prompt_mask.device)
+    if group > 1:
+        u = u.repeat_interleave(group, dim=0)
     return (u < p_mask) & (prompt_mask != 0)
 
 
 def completion_logprobs(lm, prompt_ids, prompt_mask, completion_ids, p_mask_prompt: float,
-                        generator: torch.Generator) -> torch.Tensor:
+                        generator: torch.Generator, group: int = 1) -> torch.Tensor:
     """d1's one-forward estimate of log p(completion token | prompt): the completion fully masked, the prompt
-    (left-padded, prompt_mask 1 = real) randomly masked; the log-probability of each completion token at its
-    own position (lm.logits applies the shift). prompt [B, P], completion [B, C] -> [B, C] float32."""
+    (left-padded, prompt_mask 1 = real) randomly masked (one mask per `group` consecutive rows: prompt_noise);
+    the log-probability of each completion token at its own position (lm.logits applies the shift).
+    prompt [B, P], completion [B, C] -> [B, C] float32."""
     b, p = prompt_ids.shape
     c = completion_ids.shape[1]
-    noisy = prompt_ids.masked_fill(prompt_noise(prompt_mask, p_mask_prompt, generator), lm.mask_token_id)
+    noisy = prompt_ids.masked_fill(prompt_noise(prompt_mask, p_mask_prompt, generator, group), lm.mask_token_id)
     x = torch.cat([noisy, completion_ids.new_full((b, c), lm.mask_token_id)], dim=1)  # [B, P + C]
     keys = torch.cat([prompt_mask, prompt_mask.new_ones((b, c))], dim=1)  # [B, P + C]: pads are not attended
     scored = torch.zeros_like(x, dtype=torch.bool)
@@ -154,10 +161,10 @@ class Reference:
     off: object = nullcontext
 
     @torch.no_grad()
-    def logprobs(self, batch: dict, p_mask: float, generator: torch.Generator) -> torch.Tensor:
+    def logprobs(self, batch: dict, p_mask: float, generator: torch.Generator, group: int = 1) -> torch.Tensor:
         with self.off():
             return completion_logprobs(self.lm, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                       p_mask, generator)
+                                       p_mask, generator, group)
 
 
 def make_reference(cfg, lm, model, dev, compute_dtype) -> Reference | None:
@@ -187,6 +194,7 @@ def train(cfg) -> Path:
     setup_logging(None, dev.is_main)
     run_dir = Path(cfg.trainer.default_local_dir)
     g, seed = cfg.grpo, cfg.trainer.seed
+    group = g.num_generations if g.prompt_mask_per_group else 1  # rows sharing one prompt mask
 
     # 1. Model, tokenizer and prompts: everything that can fail on user input fails before the run directory exists.
     lora_bf16 = cfg.model.lora_rank > 0 and dev.device.type == "cuda" and cfg.model.dtype == "bf16" and not dev.enabled
@@ -267,8 +275,8 @@ def train(cfg) -> Path:
                     masks = [lambda it=it: step_generator(seed, step, mb, 4, it, device=gen_dev) for it in range(g.num_iterations)]
                     b["mask_gen"] = masks
                     b["old"] = [completion_logprobs(lm, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                                                    g.p_mask_prompt, m()) for m in masks] if g.num_iterations > 1 else None
-                    b["ref"] = [ref.logprobs(b, g.p_mask_prompt, m()) for m in masks] if ref is not None else None
+                                                    g.p_mask_prompt, m(), group) for m in masks] if g.num_iterations > 1 else None
+                    b["ref"] = [ref.logprobs(b, g.p_mask_prompt, m(), group) for m in masks] if ref is not None else None
             model.train()
             totals = torch.zeros(4, device=dev.device)  # [loss, clip fraction, kl, micro-batch updates]
             lr_used = sched.get_last_lr()[0]
@@ -278,7 +286,7 @@ def train(cfg) -> Path:
                         torch.manual_seed(step_generator(seed, step, mb, 5, it).initial_seed())
                     with ctx:
                         logp = completion_logprobs(lm, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                                                   g.p_mask_prompt, b["mask_gen"][it]())
+                                                   g.p_mask_prompt, b["mask_gen"][it](), group)
                         old = b["old"][it] if b["old"] is not None else logp.detach()
                         loss, clip, kl = grpo_loss(logp, old, b["ref"][it] if b["ref"] is not None else None,
                                                    b["advantages"], b["completion_mask"], g.epsilon, g.beta)

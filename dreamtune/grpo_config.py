@@ -35,6 +35,10 @@ class GRPOConfig:
     num_generations: int = 8
     num_iterations: int = 4
     p_mask_prompt: float = 0.15
+    # True: the G rollouts of a prompt share each iteration's prompt mask (common random numbers: every row's
+    # estimate as d1's, but a token all G rollouts share then gets advantages summing to 0 and no gradient;
+    # with one mask per row, d1's, such tokens add mask noise). False: one mask per rollout, d1's.
+    prompt_mask_per_group: bool = False
     epsilon: float = 0.2
     beta: float = 0.04  # weight of the KL term to the frozen reference (0: no reference model is kept)
     format_reward: float = 0.0  # added to the reward when the completion states an answer the grader can read

@@ -137,6 +137,35 @@ def test_completion_logprobs_match_brute_force(shift):
     assert not torch.allclose(none, every)
 
 
+def test_prompt_noise_per_group_shares_one_draw_per_group():
+    pmask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]] * 6)
+    per_row = grpo.prompt_noise(pmask, 0.5, torch.Generator().manual_seed(0))
+    same = torch.rand(pmask.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(per_row, same & (pmask != 0))  # group 1: the draws d1 makes (and this code made before)
+    grouped = grpo.prompt_noise(pmask, 0.5, torch.Generator().manual_seed(0), group=3)
+    assert torch.equal(grouped[0], grouped[1]) and torch.equal(grouped[0], grouped[2]) and torch.equal(grouped[3], grouped[5])
+    assert not torch.equal(grouped[0], grouped[3]) and not grouped[:, 0].any()
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_token_every_rollout_shares_gets_no_gradient_only_with_a_shared_prompt_mask(group):
+    """Four rollouts of one prompt, the same completion, rewards 1 0 1 0: the advantages sum to 0, so with one
+    prompt mask for the group the policy gradient is exactly 0; with one mask per rollout (d1's) each row's
+    log-probability sees another prompt and the terms do not cancel: noise that carries no reward signal."""
+    from dreamtune.tiny import tiny_lm
+
+    lm = tiny_lm(alphabet=ALPHABET, hidden_size=32, layers=2, seed=1)
+    ids = torch.tensor([[7, 8, 9, 10, 6, 7, 8, 9]] * 4)
+    pmask = torch.ones_like(ids)
+    comp = torch.tensor([[7, 9, 6, 0]] * 4)
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), 4)
+    logp = grpo.completion_logprobs(lm, ids, pmask, comp, 0.5, torch.Generator().manual_seed(2), group=group)
+    loss, _, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, grpo.completion_mask(comp, lm.stop_ids), 0.2, 0.0)
+    loss.backward()
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in lm.model.parameters() if p.grad is not None]))
+    assert (norm < 1e-6) if group == 4 else (norm > 1e-3), norm
+
+
 # ----------------------------------------------------------------------------------------------- the recipe
 
 
@@ -176,6 +205,17 @@ def test_one_step_changes_only_what_it_should(setup, tmp_path, monkeypatch, lora
     else:
         assert "lm_head.weight" in changed and len(changed) > len(before) // 2
         assert all(torch.equal(v, before[k]) for k, v in ref.lm.model.state_dict().items())
+
+
+def test_prompt_mask_per_group_reaches_the_updates(setup, tmp_path):
+    """grpo.prompt_mask_per_group: the same rollouts (the same seed), other prompt masks in the old, reference
+    and new log-probabilities, so another loss and gradient."""
+    extra = ["trainer.total_training_steps=1", "grpo.p_mask_prompt=0.5"]
+    assert cli(["train", *args(setup, tmp_path / "row", *extra)]) == 0
+    assert cli(["train", *args(setup, tmp_path / "group", *extra, "grpo.prompt_mask_per_group=true")]) == 0
+    a, b = metrics(tmp_path / "row")[0], metrics(tmp_path / "group")[0]
+    assert a["reward_mean"] == b["reward_mean"] and a["completion_length"] == b["completion_length"]
+    assert a["loss"] != b["loss"] and a["grad_norm"] != b["grad_norm"]
 
 
 def test_stop_and_resume_equals_an_unbroken_run(setup, tmp_path):
