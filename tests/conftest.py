@@ -50,6 +50,20 @@ def addition_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def record_calls(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call's return value is appended to the returned list (the call itself
+    runs unchanged)."""
+    returned = []
+    real = getattr(module, name)
+
+    def spy(*a, **kw):
+        returned.append(real(*a, **kw))
+        return returned[-1]
+
+    monkeypatch.setattr(module, name, spy)
+    return returned
+
+
 def write_parquet(rows: list[dict], path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq

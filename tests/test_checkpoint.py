@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_parquet
+from conftest import record_calls, write_parquet
 from dreamtune.cli import main as cli
 from test_train import assert_stop_and_resume_is_exact, base_args, dcp_load, dcp_state, metrics
 
@@ -21,15 +21,7 @@ def estimates(monkeypatch):
     """Record what the trainer's pre-flight computed (the sizes it checks against the disk)."""
     import dreamtune.train as T
 
-    seen = []
-    real = T.preflight_disk
-
-    def spy(*a, **kw):
-        seen.append(real(*a, **kw))
-        return seen[-1]
-
-    monkeypatch.setattr(T, "preflight_disk", spy)
-    return seen
+    return record_calls(monkeypatch, T, "preflight_disk")
 
 
 @pytest.mark.parametrize("setting", ["optim.state_dtype=float32", "optim.state_dtype=bfloat16",

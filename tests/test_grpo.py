@@ -21,7 +21,7 @@ from dreamtune import grpo
 from dreamtune.cli import main as cli
 from tests.conftest import GRPO_ALPHABET as ALPHABET
 from tests.conftest import grpo_args as args
-from tests.conftest import shared_or_skip
+from tests.conftest import record_calls, shared_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -178,14 +178,7 @@ def test_one_step_changes_only_what_it_should(setup, tmp_path, monkeypatch, lora
 
     import dreamtune
 
-    made = []
-    real = grpo.make_reference
-
-    def spy(*a, **k):
-        made.append(real(*a, **k))
-        return made[-1]
-
-    monkeypatch.setattr(grpo, "make_reference", spy)
+    made = record_calls(monkeypatch, grpo, "make_reference")
     run = tmp_path / "run"
     extra = ["model.lora_rank=4", "model.lora_alpha=8"] if lora else []
     assert cli(["train", *args(setup, run, "trainer.total_training_steps=1", *extra)]) == 0

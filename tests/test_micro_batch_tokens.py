@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dreamtune.cli import main as cli
-from test_train import _torchrun, assert_stop_and_resume_is_exact, base_args, metrics
+from test_train import assert_stop_and_resume_is_exact, assert_two_processes_match_one, base_args, metrics
 
 SHORT = ["trainer.total_training_steps=6", "trainer.val_check_steps=0", "trainer.save_checkpoint_steps=100"]
 
@@ -62,10 +62,4 @@ def test_token_budget_two_processes_match_one(tiny_model_dir, sft_data, tmp_path
     """Global batch 8, budget 120 = 3 rows of 40: micro-batches of 3, 3 and 2 rows; with two ranks one rank
     gets two and the other one plus a zero-weight filler. The losses match one process."""
     extra = [*SHORT, "data.micro_batch_size_per_gpu=1", "data.micro_batch_tokens=120"]
-    _torchrun(1, base_args(tiny_model_dir, sft_data, tmp_path / "one", *extra), tmp_path)
-    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "two", *extra), tmp_path)
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    for ra, rb in zip(a, b):  # fp32 on CPU; only the order of the reductions differs
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5, abs=1e-6)
+    assert_two_processes_match_one(tiny_model_dir, sft_data, tmp_path, extra, steps=6)

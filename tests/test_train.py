@@ -202,17 +202,23 @@ def _torchrun(nproc, args, cwd):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def assert_two_processes_match_one(model_dir, data_dir, tmp_path, extra, *, steps):
+    """The same run under torchrun with 1 and 2 processes: the same number of logged steps, and per step the
+    same loss and grad norm (fp32 on CPU; only the order of the reductions differs)."""
+    _torchrun(1, base_args(model_dir, data_dir, tmp_path / "one", *extra), tmp_path)
+    _torchrun(2, base_args(model_dir, data_dir, tmp_path / "two", *extra), tmp_path)
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == steps
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_one(tiny_model_dir, sft_data, tmp_path):
     """Global batch 8: one process with 2 accumulation steps of 4 vs two FSDP2 ranks with one of 4 each."""
     extra = ["trainer.total_training_steps=6", "trainer.val_check_steps=3", "trainer.save_checkpoint_steps=100"]
-    _torchrun(1, base_args(tiny_model_dir, sft_data, tmp_path / "one", *extra), tmp_path)
-    _torchrun(2, base_args(tiny_model_dir, sft_data, tmp_path / "two", *extra), tmp_path)
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    for ra, rb in zip(a, b):  # fp32 on CPU; only the order of the reductions differs
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5, abs=1e-6)
+    assert_two_processes_match_one(tiny_model_dir, sft_data, tmp_path, extra, steps=6)
 
 
 @pytest.mark.distributed
