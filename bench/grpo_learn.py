@@ -2,9 +2,10 @@
 """Proof that GRPO learns: a small model left half-trained by SFT on a synthetic reasoning task gains held-out
 accuracy from diffu-GRPO with the task's exact-match reward, against the same number of extra SFT steps.
 
-    PYTHONPATH=. python3 bench/grpo_learn.py --out $OUT      # one H200, under 10 minutes (4x4 sudoku, 10 blanks)
-    PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline on a CPU in a few minutes (2-digit addition)
-    PYTHONPATH=. python3 bench/grpo_learn.py --cpu-study --threads 1 --arms "lr=1e-4;lr=1e-4,beta=0.04"   # GRPO settings on a CPU
+    PYTHONPATH=. python3 bench/grpo_learn.py --out $OUT      # the proof: one H200, about 2 minutes (a CPU: about 8)
+    PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline on a CPU in a few minutes, tiny sizes
+    PYTHONPATH=. python3 bench/grpo_learn.py --cpu-study --threads 1 --arms "lr=1e-4;lr=1e-4,beta=0.04"   # GRPO settings
+    PYTHONPATH=. python3 bench/grpo_learn.py --sudoku10 --out $OUT   # a larger model on 10-blank sudoku, one H200, ~8 min
     PYTHONPATH=. python3 bench/grpo_learn.py --shape dream7b --out $OUT   # rollout tokens/s and one GRPO step, Dream-7B shape, LoRA, one GPU
 
 What runs (bench/learn_common.py's pieces, shared with bench/learn.py, for data, model, SFT overrides and evaluation; dreamtune's trainers):
@@ -21,16 +22,18 @@ What runs (bench/learn_common.py's pieces, shared with bench/learn.py, for data,
      reward, clip-fraction and grad-norm curves (by tenths) are recorded in the JSON's grpo_runs;
   4. the control: the stopped SFT run resumed for the same number of steps;
   5. held-out accuracy of all three (every --samplers setting, greedy), the reward curve, a table, and
-     grpo_learn.json (grpo_learn_tiny.json with --tiny, grpo_learn_cpu_study.json with --cpu-study) in --out
-     ($OUT, else bench/results). --save-start DIR keeps the SFT start and its prompts (bench/grpo_grad_noise.py).
+     grpo_learn.json (grpo_learn_tiny.json with --tiny, grpo_learn_cpu_study.json with --cpu-study,
+     grpo_learn_sudoku10.json with --sudoku10) in --out ($OUT, else bench/results). --save-start DIR keeps the
+     SFT start and its prompts (bench/grpo_grad_noise.py).
 Goal: GRPO at least +10 points over its start, and ahead of the control.
 
---cpu-study: --tiny's model (hidden 64, 2 layers) and task (2-digit addition) on a long SFT schedule (10,000
-steps, lr 3e-3), stopped from step 1500 in rounds of 300 at 45% held-out: 59.6% at step 3000 in ~95 s with
-one thread (deterministic on a CPU: every run starts there); 500 held-out problems; GRPO 100 steps of 16
-prompts x 8 rollouts, ~1 minute a run. `--task sudoku --task-opts '{"blanks": 4}'` instead: the GPU's task
-family (56-token answers over 2 fast-sampler blocks), 57.8% at step 1500 in ~60 s, ~2.3 minutes a GRPO run.
-The CPU study of 2026-12-01 (17 runs: the commands and the table) is in BENCHMARKS.md, diffu-GRPO.
+The default (the proof): 2-digit addition, a Dream-architecture model of hidden 64 and 2 layers, SFT on a long
+schedule (10,000 steps, lr 3e-3) stopped from step 1500 in rounds of 300 at 45% held-out; 500 held-out
+problems; two GRPO runs of 200 steps of 16 prompts x 8 rollouts: d1's settings at lr 1e-4 (p_mask_prompt 0.15,
+no KL term) and lr 5e-4 with the KL term (beta 0.04) and no prompt mask. --cpu-study: the same start with one
+GRPO run of 100 steps per setting (~1 minute a run on one CPU thread; CPU SFT is deterministic, so every run
+starts from the same model). `--task sudoku --task-opts '{"blanks": 4}'` instead: 56-token answers over 2
+fast-sampler blocks. The runs behind these settings (CPU and GPU) are in BENCHMARKS.md, diffu-GRPO.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import learn_common as L  # noqa: E402  bench/learn_common.py: data, model, SFT overrides and evaluation
 
-GPU = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
-           kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=75,
-           sft_first=300, sft_rounds=6, sft_target=0.45, grpo_steps=150, prompts=64, generations=8, iterations=2,
-           grpo_lr="5e-5", temperature=1.0, beta=0.0)  # two learning rates (--grpo-lr 5e-5,2e-5) need about 10 minutes
+SUDOKU10 = dict(task="sudoku", task_opts={"blanks": 10}, train_rows=100_000, eval_rows=500, hidden=512, layers=8, heads=8,
+                kv_heads=4, intermediate=2048, batch=256, micro_batch=256, lr=1e-3, sft_total=3000, sft_chunk=75,
+                sft_first=300, sft_rounds=6, sft_target=0.45, grpo_steps=150, prompts=64, generations=8, iterations=2,
+                grpo_lr="5e-5", temperature=1.0, beta=0.0)
 TINY = dict(task="arithmetic", task_opts={"op": "add", "digits": 2}, train_rows=3_000, eval_rows=40, hidden=64, layers=2,
             heads=4, kv_heads=2, intermediate=128, batch=16, micro_batch=16, lr=3e-3, sft_total=2000, sft_chunk=40,
             sft_first=60, sft_rounds=2, sft_target=0.4, grpo_steps=4, prompts=4, generations=4, iterations=2,
@@ -60,6 +63,10 @@ TINY = dict(task="arithmetic", task_opts={"op": "add", "digits": 2}, train_rows=
 # --cpu-study: a start between 40% and 80% on a CPU in about two minutes, and GRPO runs of a minute or two each
 CPU_STUDY = dict(TINY, train_rows=6_000, eval_rows=500, sft_total=10_000, sft_first=1500, sft_chunk=300, sft_rounds=12,
                  sft_target=0.45, grpo_steps=100, prompts=16, generations=8)
+# the default, the proof: the study's start, two GRPO runs of 200 steps (the settings the study's runs favoured)
+PROOF = dict(CPU_STUDY, grpo_steps=200, grpo_lr="1e-4", arms="lr=1e-4;lr=5e-4,beta=0.04,p_mask_prompt=0")
+
+
 def _flag(v: str) -> bool:
     if v.lower() not in ("1", "0", "true", "false"):
         raise SystemExit(f"--arms: expected true/false/1/0, got '{v}'")
@@ -247,7 +254,8 @@ def run(a) -> int:
                           "start_in_40_80": 0.4 <= evals["sft_start"][main]["accuracy"] <= 0.8,
                           "goal_plus_10": gain >= 0.10, "grpo_beats_control": gain > control_gain},
               "total_s": time.time() - t_start}
-    name = a.name or ("grpo_learn_cpu_study" if a.cpu_study else "grpo_learn_tiny" if a.tiny else "grpo_learn")
+    name = a.name or ("grpo_learn_cpu_study" if a.cpu_study else "grpo_learn_tiny" if a.tiny else
+                      "grpo_learn_sudoku10" if a.sudoku10 else "grpo_learn")
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"grpo_learn: {a.task} {json.dumps(a.task_opts)}, SFT stopped at {done} steps, {a.grpo_steps} GRPO steps "
@@ -342,6 +350,7 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="CPU-sized model, task and steps")
     p.add_argument("--cpu-study", action="store_true", help="the --tiny model and task, trained to a 40-80%% start: "
                    "GRPO settings compared on a CPU (see the docstring)")
+    p.add_argument("--sudoku10", action="store_true", help="a hidden-512, 8-layer model on 10-blank sudoku (one GPU)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="time rollouts and one GRPO step at this shape instead")
     p.add_argument("--task", choices=["arithmetic", "sudoku"])
     p.add_argument("--task-opts", type=json.loads)
@@ -356,7 +365,7 @@ def parse_args(argv):
                    help="GRPO's learning-rate schedule (cosine: to 0 at the last step)")
     p.add_argument("--arms", default=None, help='GRPO runs from the one SFT start, e.g. "lr=5e-5;lr=5e-5,beta=0.04,'
                    'iterations=8" (settings: ' + ", ".join(ARM_KEYS) + '; the rest from the command line); default: '
-                   'one per --grpo-lr')
+                   'one per --grpo-lr (without --grpo-lr, the proof\'s two runs: see above)')
     p.add_argument("--samplers", default="fast@0.9,maskgit_plus", help="held-out evaluation settings (greedy)")
     p.add_argument("--shape-prompts", type=int, default=8, help="--shape: prompts per step (x grpo.num_generations)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="--shape: prompt length")
@@ -369,7 +378,11 @@ def parse_args(argv):
     p.add_argument("--name", default=None)
     p.add_argument("--save-start", default=None, help="copy the SFT start (sft-start/) and train.parquet here")
     a = p.parse_args(argv)
-    for k, v in (CPU_STUDY if a.cpu_study else TINY if a.tiny else GPU).items():
+    if a.tiny + a.cpu_study + a.sudoku10 > 1:
+        p.error("choose one of --tiny, --cpu-study, --sudoku10")
+    if a.grpo_lr is not None and a.arms is None:
+        a.arms = ""  # --grpo-lr alone: one run per learning rate, not the default's two runs
+    for k, v in (CPU_STUDY if a.cpu_study else TINY if a.tiny else SUDOKU10 if a.sudoku10 else PROOF).items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     a.samplers = [s for s in a.samplers.split(",") if s]
