@@ -3,7 +3,7 @@
 accuracy from diffu-GRPO with the task's exact-match reward, against the same number of extra SFT steps.
 
     PYTHONPATH=. python3 bench/grpo_learn.py --out $OUT      # the proof: one H200, about 2 minutes (2 CPU cores: about 6)
-    PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline on a CPU in a few minutes, tiny sizes
+    PYTHONPATH=. python3 bench/grpo_learn.py --tiny          # the same pipeline at tiny sizes: a CPU smoke run, ~15 s
     PYTHONPATH=. python3 bench/grpo_learn.py --cpu-study --threads 1 --arms "lr=1e-4;lr=1e-4,beta=0.04"   # GRPO settings
     PYTHONPATH=. python3 bench/grpo_learn.py --sudoku10 --out $OUT   # a larger model on 10-blank sudoku, one H200, ~8 min
     PYTHONPATH=. python3 bench/grpo_learn.py --shape dream7b --out $OUT   # rollout tokens/s and one GRPO step, Dream-7B shape, LoRA, one GPU
