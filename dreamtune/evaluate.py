@@ -60,7 +60,7 @@ def read_samples(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (a run killed mid-write) is ignored."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # not splitlines: responses may hold U+2028
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

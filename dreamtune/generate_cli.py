@@ -115,7 +115,7 @@ def read_prompt_rows(path: Path) -> list[dict]:
     """Rows of a prompts JSONL: each needs `prompt` (string or messages) or `messages`."""
     text = read_prompts_text(path)
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 as is
         if not line.strip():
             continue
         try:

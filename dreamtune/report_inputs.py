@@ -38,7 +38,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text (a damaged file?); the trainer writes it as JSON lines") from None
     rows = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines: a JSON string may hold U+2028 as is
         if not line.strip():
             continue
         try:

@@ -449,6 +449,17 @@ def test_validate_and_download_bad_inputs(tmp_path, capsys):
     assert "pass a local parquet, jsonl or json file" in err
 
 
+def test_jsonl_strings_may_hold_line_separators(tmp_path, capsys):
+    """U+2028 and U+0085 are valid unescaped in a JSON string (json.dumps(ensure_ascii=False) writes them so):
+    such a row is one row, not a broken line."""
+    rows = [{"prompt": "a\u2028b", "response": "c\u0085d"}, {"prompt": "e", "response": "f"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(path) == rows
+    code, _, err = run_cli(capsys, "prepare", "--input", path, "--format", "generic", "--out", tmp_path / "out")
+    assert code == 0, err
+
+
 def full_disk_for_parquet(monkeypatch):
     """pyarrow's parquet writer fails as on a full disk (the OSError it raises there: errno 28, no file name)."""
     import errno

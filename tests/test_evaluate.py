@@ -172,6 +172,19 @@ def test_config_check_and_torn_lines(tmp_path):
         evaluate.read_samples(p)
 
 
+def test_jsonl_rows_may_hold_line_separators(tmp_path):
+    """JSON lines as dreamtune writes them (ensure_ascii=False) keep U+2028 and U+0085 in strings unescaped: a
+    response holding one is one row, in the samples file (resume) and in a prompts file alike."""
+    from dreamtune.generate_cli import read_prompt_rows
+
+    rows = [{"response": "a\u2028b\u0085c", "id": 1}, {"response": "d", "id": 2}]
+    p = tmp_path / "s.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert evaluate.read_samples(p) == rows
+    p.write_text("".join(json.dumps({"prompt": r["response"]}, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["prompt"] for r in read_prompt_rows(p)] == ["a\u2028b\u0085c", "d"]
+
+
 # --------------------------------------------------------------------------------------- local benchmark files
 
 
