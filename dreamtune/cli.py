@@ -3,15 +3,17 @@
 Each verb names a module and a function `main(argv: list[str]) -> int`; the module is imported only
 when its verb runs, so `dreamtune doctor` works without the optional extras installed.
 
-User mistakes (ValueError, FileNotFoundError, a missing optional package) print one line starting with
-`error:` and exit 2, with no traceback; a failure the user can act on that is not a mistake in the input
-(RunError: a full disk while saving a checkpoint) prints one line and exits 1. Set DREAMTUNE_DEBUG=1 to
+User mistakes (ValueError, FileNotFoundError, a missing optional package, a path that cannot be written
+such as a read-only filesystem) print one line starting with `error:` and exit 2, with no traceback; a
+failure the user can act on that is not a mistake in the input (RunError: a full disk while saving a
+checkpoint; a full disk while writing any output) prints one line and exits 1. Set DREAMTUNE_DEBUG=1 to
 see the traceback anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -81,11 +83,14 @@ def run_main(fn, argv: list[str]) -> int:
         if os.environ.get("DREAMTUNE_DEBUG"):
             raise
         return fail(str(e).strip().splitlines()[0], 1)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
-            ModuleNotFoundError, MemoryError, FloatingPointError) as e:
+    except (ValueError, OSError, ModuleNotFoundError, MemoryError, FloatingPointError) as e:
         if os.environ.get("DREAMTUNE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # not a mistake: exit 1, as RunError
+            where = f" while writing {e.filename}" if e.filename is not None else ""
+            return fail(f"the disk is full (No space left on device){where}; free some space or "
+                        f"choose a path on another disk, then run the command again", 1)
         if isinstance(e, OSError) and e.filename is not None:  # the system's own words, and what to do
             what = "a file is in the way of a directory" if isinstance(e, FileExistsError) else e.strerror
             msg = f"{what}: {e.filename}; choose another path"
@@ -117,4 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dreamtune.cli`: run the imported module's main, so that the RunError the verbs raise (imported
+    # from dreamtune.cli) is the class run_main catches, not this __main__ module's copy of it
+    from dreamtune.cli import main as _main
+
+    sys.exit(_main())

@@ -26,7 +26,8 @@ from dreamtune.atomic import check_writable, write_json
 from dreamtune.cli import positive_int
 from dreamtune.hub import resolve_dir
 from dreamtune.engine import describe, encode_prompt, generate_batches, load_for_generation, record, render_prompt
-from dreamtune.generate_cli import add_model_args, add_sampler_args, parser, read_prompt_rows, sampler_from_args
+from dreamtune.generate_cli import (add_model_args, add_sampler_args, parser, read_prompt_rows, read_prompts_text,
+                                    sampler_from_args)
 
 
 def read_prompts_file(path: Path) -> list[dict]:
@@ -34,9 +35,7 @@ def read_prompts_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = read_prompt_rows(path)
         return [{"input": r.get("prompt", r.get("messages")), "answer": r.get("answer")} for r in rows]
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file '{path}' does not exist")
-    rows = [{"input": line, "answer": None} for line in path.read_text().splitlines() if line.strip()]
+    rows = [{"input": line, "answer": None} for line in read_prompts_text(path).splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path} holds no prompts")
     return rows

@@ -251,10 +251,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise IsADirectoryError(f"config file '{p}' is a directory; pass a YAML file (see configs/ for recipes)")
         if not p.is_file():
             raise FileNotFoundError(f"config file '{p}' not found; see configs/ for recipes")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"{p} is not UTF-8 text, so not YAML; pass a YAML recipe (see configs/)") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):

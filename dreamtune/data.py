@@ -69,7 +69,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _read_json_lines(path: Path, text: str) -> list[dict]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 or U+0085 as is
         if not line.strip():
             continue
         try:

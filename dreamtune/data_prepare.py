@@ -35,7 +35,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dreamtune.atomic import temp_dir_beside, write_file
+from dreamtune.atomic import io_error, temp_dir_beside, write_file
 from dreamtune.hub import hub_offline_if_unreachable
 from dreamtune.data import DATA_SUFFIXES, DEFAULT_SYSTEM_PROMPT, FORMATS, input_sha256, read_rows
 from dreamtune.rows import require_columns, text_field, to_messages
@@ -188,11 +188,13 @@ def atomic_dir(out: Path, overwrite: bool = False):
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-        raise
+        if io_error(e, out, tmp) is None:
+            raise
+        raise io_error(e, out, tmp) from e  # a full disk: named as `out`, not its temporary name
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 import platform
 import shutil
 import sys
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free / 2**30
     rows.append(("disk free", f"{free:.1f} GiB at {probe} (a 7B bf16 export is ~15 GiB; a full resumable checkpoint ~90 GiB)"))
+    if not probe.is_dir():
+        problems.append(f"--out-dir {out}: {probe} is a file, so no run can be written there; choose another --out-dir")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problems.append(f"--out-dir {out}: {probe} is not writable (a read-only filesystem or no permission); "
+                        f"choose another --out-dir")
 
     for extra, mods in EXTRAS.items():
         have = {m: _version(m) for m in mods}

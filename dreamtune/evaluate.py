@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from dreamtune.atomic import check_writable, write_json, write_jsonl
+from dreamtune.atomic import check_writable, io_error, write_json, write_jsonl
 from dreamtune.cli import positive_int
 from dreamtune.engine import describe, encode_prompt, generate_batches, load_for_generation, record, render_prompt
 from dreamtune.generate_cli import add_model_args, add_sampler_args, parser, sampler_from_args
@@ -60,7 +60,7 @@ def read_samples(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (a run killed mid-write) is ignored."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # not splitlines: responses may hold U+2028
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -84,12 +84,16 @@ def repair_tail(path: Path) -> None:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append and flush to disk: a killed run keeps every finished batch."""
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append and flush to disk: a killed run keeps every finished batch. A full disk is an OSError naming the
+    file (a rerun resumes from what it holds: a torn last line is cut by repair_tail)."""
+    try:
+        with path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise (io_error(e, path) or e) from None
 
 
 # ------------------------------------------------------------------------------------- pure logic
@@ -203,29 +207,31 @@ def run_shard(args, problems, sampler, cid, out, rank) -> None:
     repair_tail(part)
     bar = tqdm(total=len(problems), desc=f"eval rank {rank}" if args.world > 1 else "eval", unit="problem",
                file=sys.stderr, disable=rank != 0, dynamic_ncols=True)
-    for name in dict.fromkeys(p["task"] for p in problems):  # one task at a time: one grading style
-        mine = [p for p in problems if p["task"] == name]
-        encoded = [encode_prompt(lm.tokenizer, p["input"]) for p in mine]
+    try:  # closed on an error too, so that the error line does not land on the bar's line
+        for name in dict.fromkeys(p["task"] for p in problems):  # one task at a time: one grading style
+            mine = [p for p in problems if p["task"] == name]
+            encoded = [encode_prompt(lm.tokenizer, p["input"]) for p in mine]
 
-        def on_batch(idx, results, mine=mine, name=name):
-            rows = []
-            for i, r in zip(idx, results):
-                p = mine[i]
-                response = tasks.truncate_response(r["response"], args.prompt_format)
-                rows.append({"task": name, "id": p["id"], "question": p["question"],
-                             "prompt": render_prompt(lm.tokenizer, p["input"]),
-                             "response": response, "answer": p["answer"], "answer_tokens": r["answer_tokens"],
-                             "nfe": r["nfe"], "time_s": round(r["time_s"] / len(idx), 4), "config_id": cid})
-            verdicts = grading.grade_many(rows, name, workers=args.grade_workers, timeout=args.grade_timeout)
-            for row, v in zip(rows, verdicts):
-                row.update({k: v[k] for k in VERDICT_KEYS})
-            append_rows(part, rows)
-            bar.update(len(rows))
-            bar.set_postfix_str(f"{name} {sum(r['correct'] for r in rows)}/{len(rows)} correct")
+            def on_batch(idx, results, mine=mine, name=name):
+                rows = []
+                for i, r in zip(idx, results):
+                    p = mine[i]
+                    response = tasks.truncate_response(r["response"], args.prompt_format)
+                    rows.append({"task": name, "id": p["id"], "question": p["question"],
+                                 "prompt": render_prompt(lm.tokenizer, p["input"]),
+                                 "response": response, "answer": p["answer"], "answer_tokens": r["answer_tokens"],
+                                 "nfe": r["nfe"], "time_s": round(r["time_s"] / len(idx), 4), "config_id": cid})
+                verdicts = grading.grade_many(rows, name, workers=args.grade_workers, timeout=args.grade_timeout)
+                for row, v in zip(rows, verdicts):
+                    row.update({k: v[k] for k in VERDICT_KEYS})
+                append_rows(part, rows)
+                bar.update(len(rows))
+                bar.set_postfix_str(f"{name} {sum(r['correct'] for r in rows)}/{len(rows)} correct")
 
-        generate_batches(lm, encoded, sampler, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                         keys=[f"{p['task']}/{p['id']}" for p in mine], on_batch=on_batch)
-    bar.close()
+            generate_batches(lm, encoded, sampler, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                             keys=[f"{p['task']}/{p['id']}" for p in mine], on_batch=on_batch)
+    finally:
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

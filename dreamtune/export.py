@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dreamtune.atomic import replace_dir, temp_dir_beside
+from dreamtune.atomic import io_error, replace_dir, temp_dir_beside
 from dreamtune.models import _DREAM_TO_QWEN2_KEYS, META_FILE, DiffusionLM
 from dreamtune.tokenizer import check_tokenizer, save_tokenizer
 
@@ -79,6 +79,10 @@ def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None 
             save_tokenizer(lm.tokenizer, tmp, source=lm.source_dir)
         (tmp / META_FILE).write_text(json.dumps({"mask_token_id": lm.mask_token_id, "shift": lm.shift}, indent=2))
         replace_dir(tmp, out)
+    except Exception as e:  # a full disk, in the OS's words or the safetensors writer's: named as `out`
+        if io_error(e, out, tmp) is None:
+            raise
+        raise io_error(e, out, tmp) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -145,6 +149,10 @@ def save_llada(lm, out, dtype=torch.bfloat16, state_dict: dict | None = None) ->
         if lm.tokenizer is not None:
             save_tokenizer(lm.tokenizer, tmp, source=lm.source_dir)
         replace_dir(tmp, out)
+    except Exception as e:  # as save_hf's
+        if io_error(e, out, tmp) is None:
+            raise
+        raise io_error(e, out, tmp) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -99,12 +99,23 @@ def sampler_from_args(args):
 # ------------------------------------------------------------------------------------- prompts files
 
 
-def read_prompt_rows(path: Path) -> list[dict]:
-    """Rows of a prompts JSONL: each needs `prompt` (string or messages) or `messages`."""
+def read_prompts_text(path: Path) -> str:
+    """The text of a prompts file; an error naming it when it is missing, a directory or not UTF-8 text."""
+    if path.is_dir():
+        raise IsADirectoryError(f"prompts file '{path}' is a directory; pass a file of prompts")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file '{path}' does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file '{path}' is not UTF-8 text; pass a JSONL or text file of prompts") from None
+
+
+def read_prompt_rows(path: Path) -> list[dict]:
+    """Rows of a prompts JSONL: each needs `prompt` (string or messages) or `messages`."""
+    text = read_prompts_text(path)
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 as is
         if not line.strip():
             continue
         try:

@@ -16,26 +16,31 @@ from dreamtune.grading import DEFAULT_TIMEOUT, TASK_NAMES, format_rules, format_
 def read_predictions(path: str | Path) -> list[dict]:
     """Rows of a predictions JSONL; each needs `response` and `answer` (ValueError naming the line)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"predictions file {path} is a directory (pass a JSONL file with 'response' and 'answer' per line)")
     if not path.is_file():
         raise ValueError(f"predictions file not found: {path} (pass a JSONL file with 'response' and 'answer' per line)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'response' and 'answer', got {type(row).__name__}")
-            for key in ("response", "answer"):
-                if key not in row or row[key] is None:
-                    raise ValueError(
-                        f"{path}:{n}: row has no '{key}' field; each row needs 'response' (the model's raw "
-                        "output) and 'answer' (the reference answer)"
-                    )
-            rows.append(row)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not JSONL; pass a JSONL file with 'response' and 'answer' per line") from None
+    for n, line in enumerate(text.split("\n"), 1):  # as the file iterates: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'response' and 'answer', got {type(row).__name__}")
+        for key in ("response", "answer"):
+            if key not in row or row[key] is None:
+                raise ValueError(
+                    f"{path}:{n}: row has no '{key}' field; each row needs 'response' (the model's raw "
+                    "output) and 'answer' (the reference answer)"
+                )
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows; expected JSON lines with 'response' and 'answer'")
     return rows

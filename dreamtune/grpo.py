@@ -34,8 +34,8 @@ from dreamtune.config import to_yaml
 from dreamtune.grpo_prompts import check_prompt_source, grade_completions, load_prompts
 from dreamtune.monitor import LOG, Monitor, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message,
-                                plan_steps, save_when_due, step_generator)
+from dreamtune.training import (apply_lora, check_run_dir, export_final, lr_lambda, make_optimizer, micro_batches,
+                                oom_message, plan_steps, save_when_due, step_generator)
 
 ADV_EPS = 1e-4  # TRL's and d1's: a group whose rewards are all equal gets advantage 0, not 0/0
 
@@ -192,7 +192,7 @@ def train(cfg) -> Path:
 
     dev = D.init(cfg.trainer.device)
     setup_logging(None, dev.is_main)
-    run_dir = Path(cfg.trainer.default_local_dir)
+    run_dir = check_run_dir(cfg)  # before the model loads
     g, seed = cfg.grpo, cfg.trainer.seed
     group = g.num_generations if g.prompt_mask_per_group else 1  # rows sharing one prompt mask
 
@@ -349,6 +349,7 @@ def dry_run(cfg) -> int:
     from dreamtune.models import check_model_dir
 
     print(to_yaml(cfg), end="")
+    check_run_dir(cfg)
     g = cfg.grpo
     n = check_prompt_source(cfg)
     print(f"# model: {check_model_dir(cfg.model.partial_pretrain)}")

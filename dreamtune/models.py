@@ -153,14 +153,52 @@ def document_attention_mask(doc_ids: torch.Tensor, implementation: str):
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def read_json_file(path: Path, fix: str) -> dict:
+    """A model directory's JSON object file; ValueError naming it, with `fix`, when it is a directory, not
+    UTF-8 text, not JSON or not an object."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file; {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not JSON (a damaged file?); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def read_config(d: Path) -> dict:
     cfg_path = d / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise ValueError(f"'{d}' has no config.json, so it is not a model directory; pass the directory that holds config.json and the weights")
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); re-download or re-export the model") from None
+    return read_json_file(cfg_path, "re-download or re-export the model")
+
+
+def read_meta(d: Path) -> dict:
+    """dreamtune.json of an export ({} when absent)."""
+    return read_json_file(d / META_FILE, "re-export the model") if (d / META_FILE).exists() else {}
+
+
+def check_safetensors(path: Path) -> None:
+    """ValueError naming `path` unless it is a whole safetensors file: its header's tensors must end where the
+    file ends (a download or a save that stopped early leaves it shorter). Reads only the header."""
+    size = path.stat().st_size
+    end = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else size
+        if n <= size - 8:
+            try:
+                meta = json.loads(f.read(n))
+                end = 8 + n + max((t["data_offsets"][1] for k, t in meta.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                end = None
+    if end != size:
+        what = f"{size} bytes where its header describes {end}" if end is not None else f"{size} bytes, no readable header"
+        raise ValueError(f"{path} is cut short or damaged ({what}): the download or save did not finish; "
+                         f"download or export the model again")
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -174,7 +212,8 @@ def _dtype(dtype) -> torch.dtype | None:
 
 
 def check_weights(d: Path) -> None:
-    """FileNotFoundError unless `d` holds weights, every shard its index names included (a partial download)."""
+    """FileNotFoundError unless `d` holds weights, every shard its index names included (a partial download);
+    ValueError for a safetensors file cut short."""
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     present = [w for w in weights if (d / w).exists()]
     if not present:
@@ -190,6 +229,11 @@ def check_weights(d: Path) -> None:
         if missing:
             raise FileNotFoundError(f"{d} lacks {len(missing)} of the {len(shards)} weight shards its index names "
                                     f"(e.g. {missing[0]}): the download is incomplete; download it again")
+        for shard in shards:
+            if shard.endswith(".safetensors"):
+                check_safetensors(d / shard)
+    elif present[0] == "model.safetensors":
+        check_safetensors(d / present[0])
 
 
 def check_model_dir(path_or_id) -> str:
@@ -204,7 +248,7 @@ def check_model_dir(path_or_id) -> str:
         raise ValueError(f"{d}/config.json has model_type '{model_type}', which dreamtune cannot load; supported: "
                          f"{', '.join(SUPPORTED_TYPES)}")
     check_weights(d)
-    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
+    meta = read_meta(d)
     tok = load_tokenizer(d, {**cfg, **meta})
     if tok is None:
         raise ValueError(f"{d} has no tokenizer files; training needs one to render the data")
@@ -233,12 +277,9 @@ def generation_config(d: Path):
     from transformers import GenerationConfig
 
     path = d / "generation_config.json"
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the model") from None
+    raw = read_json_file(path, "re-download the model")
     return GenerationConfig(**{k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None})
 
 
@@ -258,7 +299,7 @@ def load(path_or_id, dtype=None, device=None, attn_implementation: str | None = 
             f"{d}/config.json has model_type '{model_type}', which dreamtune cannot load; supported: "
             f"{', '.join(SUPPORTED_TYPES)}"
         )
-    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
+    meta = read_meta(d)
     check_weights(d)
     tdtype = _dtype(dtype)
     # "auto": transformers' own choice (sdpa where it can)

@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dreamtune.atomic import replace_dir, temp_dir_beside
+from dreamtune.atomic import io_error, replace_dir, temp_dir_beside
 from dreamtune.cli import parser
 from dreamtune.report_render import render_html, render_markdown
 from dreamtune.report_inputs import (  # noqa: F401  (read_metrics, model_label, the series names: part of this leaf's API)
@@ -362,6 +362,8 @@ def write_report(run_dir, evals=(), compare=None, validation=None, out=None) -> 
             summary["grpo_tenths"] = tenths(metrics["grpo"])
         (tmp / "report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         replace_dir(tmp, out)
+    except OSError as e:  # a full disk: named as --out, not its temporary name
+        raise (io_error(e, out, tmp) or e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for note in notes:

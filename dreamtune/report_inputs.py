@@ -22,14 +22,23 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     """The rows of RUN_DIR/metrics.jsonl in the order written (each has a "step"); a torn last line (a run
     still writing, or killed) is left out."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise NotADirectoryError(f"run directory '{run_dir}' is a file; pass a training run directory "
+                                 "(trainer.default_local_dir, the one holding metrics.jsonl)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory '{run_dir}' does not exist; pass a training run directory "
                                 "(trainer.default_local_dir, the one holding metrics.jsonl)")
     path = run_dir / "metrics.jsonl"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not the run's metrics file; is '{run_dir}' a training run directory?")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is '{run_dir}' a training run directory (trainer.default_local_dir)?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (a damaged file?); the trainer writes it as JSON lines") from None
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.split("\n"):  # not splitlines: a JSON string may hold U+2028 as is
         if not line.strip():
             continue
         try:

@@ -41,9 +41,13 @@ def has_tokenizer(d: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not JSON (a damaged file?); re-download the tokenizer files") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the tokenizer files") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file; re-download the tokenizer files") from None
 
 
 def ids_of(value) -> list[int]:

@@ -30,8 +30,8 @@ from dreamtune.diffusion import forward_loss
 from dreamtune.examples import count_rows, load_examples, truncation_line
 from dreamtune.monitor import LOG, Monitor, flop_counter, peak_flops, setup_logging
 from dreamtune.optim import AdamW, clip_coefficient
-from dreamtune.training import (apply_lora, export_final, lr_lambda, make_optimizer, micro_batches, oom_message,
-                                plan_steps, save_when_due, step_generator, trainer_state)
+from dreamtune.training import (apply_lora, check_run_dir, export_final, lr_lambda, make_optimizer, micro_batches,
+                                oom_message, plan_steps, save_when_due, step_generator, trainer_state)
 
 MIN_STEPS_WARNING = 20
 
@@ -80,7 +80,7 @@ def train(cfg) -> Path:
     if cfg.model.attn_implementation == "flex_attention" and dev.device.type != "cuda":
         raise ValueError("model.attn_implementation=flex_attention has no backward pass on the CPU; use sdpa there "
                          "(packing then uses an explicit document mask)")
-    run_dir = Path(cfg.trainer.default_local_dir)
+    run_dir = check_run_dir(cfg)  # a file in its way, a read-only disk: now, not after the model has loaded
 
     # 1. Model and tokenizer. Everything that can fail on user input fails before the run directory exists.
     from dreamtune.models import load
@@ -280,6 +280,7 @@ def preflight_disk(run_dir: Path, model, lm, cfg, plan: dict, start: int, dev: D
 
 def dry_run(cfg) -> int:
     print(to_yaml(cfg), end="")
+    check_run_dir(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     missing = [f for f in list(cfg.data.train_files) + list(cfg.data.val_files) if not Path(f).exists()]
     if missing:

@@ -18,6 +18,19 @@ from dreamtune.monitor import LOG
 from dreamtune.optim import AdamW
 
 
+def check_run_dir(cfg) -> Path:
+    """trainer.default_local_dir, checked before anything is loaded: an error naming it when a file is in its
+    way or it cannot be written (a read-only filesystem, no permission)."""
+    from dreamtune.atomic import check_writable
+
+    run_dir = Path(cfg.trainer.default_local_dir)
+    try:
+        check_writable(run_dir / "config.yaml")
+    except OSError as e:
+        raise type(e)(f"trainer.default_local_dir={run_dir}: {e}") from None
+    return run_dir
+
+
 def plan_steps(cfg, n_rows: int, world: int) -> dict:
     """Optimizer steps, gradient accumulation and warm-up for a run; ValueError when they do not fit."""
     micro, gbs = cfg.data.micro_batch_size_per_gpu, cfg.data.train_batch_size

@@ -103,6 +103,28 @@ def fail_writes_of(monkeypatch, checkpoint: str, after_items: int = 2):
     return calls
 
 
+@pytest.mark.filterwarnings("ignore:'dreamtune.cli' found in sys.modules")
+def test_python_m_dreamtune_cli_prints_a_failed_save_as_one_line(monkeypatch, capsys):
+    """`python -m dreamtune.cli VERB` turns the RunError a verb raises (a failed save) into one line and exit 1,
+    as the `dreamtune` command does."""
+    import runpy
+    import sys
+
+    import dreamtune.doctor
+    from dreamtune.cli import RunError
+
+    def failing_save(argv):
+        raise RunError("could not save checkpoint-6 in RUN: the disk is full (No space left on device)")
+
+    monkeypatch.setattr(dreamtune.doctor, "main", failing_save)
+    monkeypatch.setattr(sys, "argv", ["dreamtune", "doctor"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("dreamtune.cli", run_name="__main__")
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "error: could not save checkpoint-6 in RUN: the disk is full (No space left on device)\n", err
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly(tiny_model_dir, sft_data, tmp_path,
                                                                                 monkeypatch, capsys, background):

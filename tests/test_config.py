@@ -86,6 +86,22 @@ def test_dry_run_plan(tiny_model_dir, sft_data, capsys):
     assert "warning: only 18 optimizer steps" in out
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ("dir", "config file 'PATH' is a directory; pass a YAML file"),
+    ("bytes", "PATH is not UTF-8 text, so not YAML; pass a YAML recipe"),
+])
+def test_an_unreadable_recipe_is_one_line_naming_it(tmp_path, capsys, damage, fragment):
+    path = tmp_path / "recipe.yaml"
+    if damage == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfeoptim:\n  lr: 1e-5\n")
+    assert cli(["train", "--dry-run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: ") and fragment.replace("PATH", str(path)) in err, err
+
+
 def test_dry_run_missing_data(capsys):
     assert cli(["train", "--dry-run", "data.train_files=/nonexistent/train.parquet"]) == 2
     assert "/nonexistent/train.parquet" in capsys.readouterr().err

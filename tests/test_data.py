@@ -449,6 +449,64 @@ def test_validate_and_download_bad_inputs(tmp_path, capsys):
     assert "pass a local parquet, jsonl or json file" in err
 
 
+def test_jsonl_strings_may_hold_line_separators(tmp_path, capsys):
+    """U+2028 and U+0085 are valid unescaped in a JSON string (json.dumps(ensure_ascii=False) writes them so):
+    such a row is one row, not a broken line."""
+    rows = [{"prompt": "a\u2028b", "response": "c\u0085d"}, {"prompt": "e", "response": "f"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(path) == rows
+    code, _, err = run_cli(capsys, "prepare", "--input", path, "--format", "generic", "--out", tmp_path / "out")
+    assert code == 0, err
+
+
+def full_disk_for_parquet(monkeypatch):
+    """pyarrow's parquet writer fails as on a full disk (the OSError it raises there: errno 28, no file name)."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    def no_room(table, where, *a, **kw):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", no_room)
+
+
+@pytest.mark.parametrize("verb", ["download", "prepare"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(verb, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?", "response": "4"}\n')
+    out = tmp_path / "new" / "out"
+    full_disk_for_parquet(monkeypatch)
+    argv = [verb, path, "--out", out] if verb == "download" else [verb, "--input", path, "--format", "generic", "--out", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: the disk is full (No space left on device) while writing ") and str(out) in err, err
+    assert "free some space" in err and ".tmp-" not in err, err
+    assert not out.exists() and not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_read_only_output_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """A read-only filesystem (simulated: as root, chmod does not stop writes) refuses the temporary file or
+    directory; the error names the output, not the temporary name."""
+    import errno
+    import tempfile
+
+    def read_only(*a, dir=None, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/.out.tmp-abc")
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?", "response": "4"}\n')
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "download", path, "--out", out)
+    assert code == 2 and err == f"error: Read-only file system: {out / 'train.parquet'}; choose another path\n", err
+    code, _, err = run_cli(capsys, "prepare", "--input", path, "--format", "generic", "--out", out)
+    assert code == 2 and err == f"error: Read-only file system: {out}; choose another path\n", err
+    assert not [p for p in tmp_path.rglob("*") if p.name not in ("rows.jsonl", "out")]
+
+
 def test_download_local(s1k11, tmp_path, capsys):
     rows, path = s1k11
     (tmp_path / "src").mkdir()

@@ -172,6 +172,19 @@ def test_config_check_and_torn_lines(tmp_path):
         evaluate.read_samples(p)
 
 
+def test_jsonl_rows_may_hold_line_separators(tmp_path):
+    """JSON lines as dreamtune writes them (ensure_ascii=False) keep U+2028 and U+0085 in strings unescaped: a
+    response holding one is one row, in the samples file (resume) and in a prompts file alike."""
+    from dreamtune.generate_cli import read_prompt_rows
+
+    rows = [{"response": "a\u2028b\u0085c", "id": 1}, {"response": "d", "id": 2}]
+    p = tmp_path / "s.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert evaluate.read_samples(p) == rows
+    p.write_text("".join(json.dumps({"prompt": r["response"]}, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["prompt"] for r in read_prompt_rows(p)] == ["a\u2028b\u0085c", "d"]
+
+
 # --------------------------------------------------------------------------------------- local benchmark files
 
 
@@ -294,6 +307,12 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     (["export", "MODEL", "--out", "TMP/afile"], "is a file"),
     (["export", "MODEL", "--out", "TMP/afile/x"], "in the way"),
     (["export", "MODEL", "--out", "TMP/full"], "--overwrite"),
+    (["generate", "--model", "MODEL", "--input", "TMP/full", "--output", "TMP/o.jsonl"], "prompts file 'TMP/full' is a directory"),
+    (["generate", "--model", "MODEL", "--input", "TMP/bytes.jsonl", "--output", "TMP/o.jsonl"], "is not UTF-8 text"),
+    (["compare", "--base", "MODEL", "--tuned", "MODEL", "--prompts", "TMP/bytes.txt"], "prompts file 'TMP/bytes.txt' is not UTF-8"),
+    (["generate", "--model", "TMP/short", "hi"], "TMP/short/model.safetensors is cut short"),
+    (["eval", "--model", "TMP/short", "--tasks", "gsm8k", "--data-dir", "TMP/bench"], "TMP/short/model.safetensors is cut short"),
+    (["export", "TMP/short", "--out", "TMP/x"], "TMP/short/model.safetensors is cut short"),
 ])
 def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needle):
     prompts = tmp_path / "p.txt"
@@ -302,10 +321,105 @@ def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needl
     (tmp_path / "afile").write_text("")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
-    argv = [a.replace("MODEL", model_dir).replace("PROMPTS", str(prompts)).replace("TMP", str(tmp_path)) for a in argv]
+    (tmp_path / "bytes.jsonl").write_bytes(b"\xff\xfe{}\n")
+    (tmp_path / "bytes.txt").write_bytes(b"\xff\xfehi\n")
+    (tmp_path / "bench" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "bench" / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "so\\n#### 2"}\n')
+    if "TMP/short" in argv:  # a model whose weights a download or save left cut short
+        import shutil
+
+        shutil.copytree(model_dir, tmp_path / "short")
+        weights = tmp_path / "short" / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 100)
+    argv, needle = ([a.replace("MODEL", model_dir).replace("PROMPTS", str(prompts)).replace("TMP", str(tmp_path)) for a in argv],
+                    needle.replace("TMP", str(tmp_path)))
+    capsys.readouterr()
     assert cli(argv) == 2
     assert needle in one_error_line(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "o.jsonl").exists()
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("*.tmp-*"))
+
+
+def no_room_for(monkeypatch, module, name: str, error):
+    """module.name fails as it does on a full disk (it raises `error`)."""
+    def full(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(module, name, full)
+
+
+def last_error_line(capsys) -> str:
+    """The one error line after a verb's progress bars (export's shard writer, generate's prompts): no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    """export: the safetensors writer's own error for a full disk ("... (os error 28)"); generate --output: the
+    OS's. Each is one line naming the output, exit 1, and nothing is left where the output would go."""
+    import errno
+
+    import transformers.modeling_utils as MU
+    from safetensors import SafetensorError
+
+    out = tmp_path / "exported"
+    no_room_for(monkeypatch, MU, "safe_save_file",
+                SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    capsys.readouterr()
+    assert cli(["export", model_dir, "--out", str(out)]) == 1
+    line = last_error_line(capsys)
+    assert line == (f"error: the disk is full (No space left on device) while writing {out}; free some space or choose "
+                    f"a path on another disk, then run the command again"), line
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    real = Path.write_text
+
+    def write_text(self, *a, **kw):
+        if ".tmp-" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    dst = tmp_path / "answers.jsonl"
+    assert cli(["generate", "--model", model_dir, "--input", str(tmp_path / "p.jsonl"), "--output", str(dst),
+                "--max-new-tokens", "4", "--steps", "2"]) == 1
+    line = last_error_line(capsys)
+    assert line.startswith(f"error: the disk is full (No space left on device) while writing {dst};"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+def test_eval_on_a_full_disk_names_its_resume_file_and_the_error_has_its_own_line(model_dir, tmp_path, capsys, monkeypatch):
+    """The disk fills while eval appends a finished batch: one line naming the file (the progress bar closed
+    first, so the error starts a line), exit 1; a rerun with room resumes from that file."""
+    import errno
+
+    (tmp_path / "bench" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "bench" / "gsm8k" / "test.jsonl").write_text(
+        "".join(json.dumps({"question": f"{i}+1?", "answer": f"so\n#### {i + 1}"}) + "\n" for i in range(4)))
+    out = tmp_path / "res" / "eval.json"
+    argv = ["eval", "--model", model_dir, "--tasks", "gsm8k", "--data-dir", str(tmp_path / "bench"), "--out", str(out),
+            "--max-new-tokens", "4", "--steps", "2", "--batch-size", "2", "--grade-workers", "0"]
+    real = Path.open
+
+    def open_(self, mode="r", *a, **kw):
+        if mode == "a" and ".samples.part-" in self.name and self.exists() and self.stat().st_size:
+            raise OSError(errno.ENOSPC, "No space left on device")  # room for the first batch only
+        return real(self, mode, *a, **kw)
+
+    monkeypatch.setattr(Path, "open", open_)
+    capsys.readouterr()
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    part = evaluate.part_path(out, 0)
+    assert "Traceback" not in err and f"\nerror: the disk is full (No space left on device) while writing {part};" in err, err
+    assert not out.exists() and len(read_jsonl(part)) == 2
+    monkeypatch.undo()
+    assert cli(argv) == 0 and len(read_jsonl(out.with_name("eval.samples.jsonl"))) == 4
 
 
 def test_export_overwrite_replaces_whole_and_keeps_usual_modes(model_dir, tmp_path, capsys):

@@ -351,6 +351,40 @@ def test_grade_cli_errors_through_dreamtune(tmp_path, capsys):
         grade_cli.main(["--task", "gsm9k", "--predictions", str(preds)])
 
 
+@pytest.mark.parametrize("case, message", [
+    ("dir", "predictions file PATH is a directory (pass a JSONL file"),
+    ("bytes", "PATH is not UTF-8 text, so not JSONL; pass a JSONL file"),
+    ("full", "the disk is full (No space left on device) while writing OUT; free some space"),
+])
+def test_grade_cli_unreadable_input_and_full_disk_are_one_line(tmp_path, capsys, monkeypatch, case, message):
+    import errno
+
+    from dreamtune import atomic, cli
+
+    path, out = tmp_path / "p.jsonl", tmp_path / "verdicts.jsonl"
+    if case == "dir":
+        path.mkdir()
+    elif case == "bytes":
+        path.write_bytes(b'\xff\xfe{"response": "1", "answer": "1"}\n')
+    else:
+        _write(path, [{"response": "The answer is 1", "answer": "1"}])
+        real = atomic.os.replace
+
+        def replace(src, dst):  # the verdicts are written, then the disk runs out as the file is completed
+            if str(dst) == str(out):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+    capsys.readouterr()
+    code = cli.main(["grade", "--task", "gsm8k", "--predictions", str(path), "--out", str(out), "--workers", "0"])
+    assert code == (1 if case == "full" else 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message.replace("PATH", str(path)).replace("OUT", str(out)) in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 @needs_mv
 @pytest.mark.skipif(not (SHARED / "eval/math500/test.jsonl").is_file(), reason="shared MATH-500 test file absent")
 def test_math500_reference_answers_score_100():

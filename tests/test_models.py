@@ -177,6 +177,41 @@ def test_error_mask_id_outside_vocab(tmp_path):
         models.load(out)
 
 
+def test_error_weights_cut_short(tmp_path):
+    """A safetensors file that a download or save left short is named before any weight is read, by load and by
+    the dry run's check alike (not the safetensors library's own error)."""
+    out = export.save_hf(tiny_lm(), tmp_path / "m", dtype=torch.float32)
+    models.check_model_dir(out)  # whole: fine
+    weights = out / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    for check in (models.load, models.check_model_dir):
+        with pytest.raises(ValueError, match=r"model.safetensors is cut short or damaged .*download or export the model again"):
+            check(out)
+    weights.write_bytes(b"\x01\x02")  # not even a header
+    with pytest.raises(ValueError, match="no readable header"):
+        models.load(out)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("config.json", "bytes", r"config.json is not UTF-8 text, so not JSON .*re-download or re-export the model"),
+    ("config.json", "dir", r"config.json is a directory, not a file"),
+    ("config.json", "list", r"config.json holds a JSON list, not an object"),
+    (models.META_FILE, "bytes", r"dreamtune.json is not UTF-8 text, so not JSON .*re-export the model"),
+    ("generation_config.json", "bytes", r"generation_config.json is not UTF-8 text"),
+])
+def test_error_damaged_json_files_are_named(tmp_path, name, damage, message):
+    out = export.save_hf(tiny_lm(), tmp_path / "m", dtype=torch.float32)
+    path = out / name
+    path.unlink(missing_ok=True)
+    if damage == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe\x81" if damage == "bytes" else b"[1, 2]")
+    with pytest.raises(ValueError, match=message):
+        models.load(out)
+
+
 def test_error_hub_id_offline(tmp_path):
     code = ("from dreamtune.cli import main; import sys; "
             f"sys.exit(main(['export', 'some-org/some-model-that-is-not-here', '--out', {str(tmp_path / 'x')!r}]))")

@@ -164,14 +164,24 @@ def test_default_out_and_validation_from_the_run(inputs):
 
 
 @pytest.mark.parametrize("case, message", [("no_dir", "does not exist"), ("no_metrics", "metrics.jsonl not found"),
-                                           ("empty", "holds no training steps"), ("bad_out", "not a report directory")])
+                                           ("empty", "holds no training steps"), ("bad_out", "not a report directory"),
+                                           ("a_file", "run directory 'RUN' is a file; pass a training run directory"),
+                                           ("metrics_dir", "RUN/metrics.jsonl is a directory, not the run's metrics file"),
+                                           ("metrics_bytes", "RUN/metrics.jsonl is not UTF-8 text (a damaged file?)")])
 def test_required_inputs_are_one_error_line(case, message, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["report", str(run)]
-    if case != "no_dir":
+    message = message.replace("RUN", str(run))
+    if case == "a_file":
+        run.write_text("")
+    elif case != "no_dir":
         run.mkdir()
     if case == "empty":
         (run / "metrics.jsonl").write_text("")
+    if case == "metrics_dir":
+        (run / "metrics.jsonl").mkdir()
+    if case == "metrics_bytes":
+        (run / "metrics.jsonl").write_bytes(b'\xff\xfe{"step": 1, "loss": 1.0}\n')
     if case == "bad_out":
         write_run(tmp_path / "real")
         (tmp_path / "other").mkdir()
@@ -182,6 +192,26 @@ def test_required_inputs_are_one_error_line(case, message, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     if case == "bad_out":
         assert (tmp_path / "other" / "keep.txt").exists()
+    assert not (run / "report").exists() and not list(tmp_path.rglob(".*tmp-*"))
+
+
+def test_a_full_disk_is_one_line_naming_out_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    run, out = write_run(tmp_path / "run"), tmp_path / "report"
+    real = Path.write_text
+
+    def write_text(self, *a, **kw):
+        if self.name == "report.html":  # the figures and report.md are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert cli_main(["report", str(run), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"error: the disk is full (No space left on device) while writing {out}; free some space"), err
+    assert not out.exists() and not list(tmp_path.glob(".report*"))
 
 
 def test_leaves_are_not_imported_by_the_package():

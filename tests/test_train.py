@@ -264,6 +264,34 @@ def test_bad_input_fails_cleanly(tiny_model_dir, sft_data, tmp_path, override, f
     assert not run.exists()  # no half-made run directory
 
 
+@pytest.mark.parametrize("blocked", ["read_only", "a_file"])
+def test_an_unwritable_run_directory_fails_before_the_model_loads(tiny_model_dir, sft_data, tmp_path, monkeypatch, capsys,
+                                                                   blocked):
+    """trainer.default_local_dir on a read-only disk (simulated: as root, chmod does not stop writes) or under a
+    file is one line naming it, before the model is loaded, and nothing is written."""
+    import dreamtune.atomic as A
+    import dreamtune.models as M
+    from conftest import record_calls
+
+    if blocked == "read_only":
+        (tmp_path / "ro").mkdir()
+        real = A.os.access
+        monkeypatch.setattr(A.os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+        run, reason = tmp_path / "ro" / "run", f"{tmp_path / 'ro'} is not writable; choose another path"
+    else:
+        (tmp_path / "afile").write_text("mine")
+        run, reason = tmp_path / "afile" / "run", f"{tmp_path / 'afile'} is a file, not a directory; choose another path"
+    loads = record_calls(monkeypatch, M, "load")
+    for dry in ([], ["--dry-run"]):
+        capsys.readouterr()
+        assert cli(["train", *dry, *base_args(tiny_model_dir, sft_data, run)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error:") == 1, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: trainer.default_local_dir={run}: cannot write ") and line.endswith(reason), line
+    assert loads == [] and not run.exists()
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, sft_data, tmp_path, monkeypatch, capsys):
     import dreamtune.train as T
 
