@@ -17,7 +17,6 @@ shifting model) is refused with the reason, never written approximately.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

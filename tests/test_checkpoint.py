@@ -5,7 +5,6 @@ and background saves, MFU in the metrics, and the truncation counts of the train
 import errno
 import json
 import threading
-from pathlib import Path
 
 import pytest
 import torch
