@@ -67,7 +67,9 @@ def _read_parquet(path: Path) -> list[dict]:
         raise ValueError(f"cannot read {path} as parquet ({first}); is the file complete? download it again") from None
 
 
-def _read_json_lines(path: Path, text: str) -> list[dict]:
+def json_lines(path: Path, text: str, expected: str = "a JSON object (one row)") -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank line of JSON lines `text` read from `path`; ValueError naming
+    `path:line` for a line that is not JSON or not an object (`expected` says what the line should hold)."""
     rows = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 or U+0085 as is
         if not line.strip():
@@ -75,11 +77,15 @@ def _read_json_lines(path: Path, text: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {n}: a row must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
+            raise ValueError(f"{path}:{n}: expected {expected}, got a JSON {type(row).__name__}")
+        rows.append((n, row))
     return rows
+
+
+def _read_json_lines(path: Path, text: str) -> list[dict]:
+    return [row for _, row in json_lines(path, text)]
 
 
 def _read_json(path: Path, text: str) -> list[dict]:

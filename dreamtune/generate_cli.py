@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dreamtune.atomic import check_writable, write_jsonl
 from dreamtune.cli import parser, positive_int  # noqa: F401  (parser: verbs import it from here too)
+from dreamtune.data import json_lines
 from dreamtune.engine import (
     ALGS,
     DreamSampler,
@@ -115,15 +116,10 @@ def read_prompt_rows(path: Path) -> list[dict]:
     """Rows of a prompts JSONL: each needs `prompt` (string or messages) or `messages`."""
     text = read_prompts_text(path)
     rows = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 as is
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); write one JSON object per line") from None
-        if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-            raise ValueError(f"{path}:{n} needs a 'prompt' (string or list of messages) or 'messages' field")
+    for n, row in json_lines(path, text, "a JSON object with a 'prompt' or 'messages' field"):
+        if not ("prompt" in row or "messages" in row):
+            raise ValueError(f"{path}:{n}: row has no 'prompt' or 'messages' field; each row needs 'prompt' (a string or a "
+                             "list of messages) or 'messages'")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no prompts")

@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from dreamtune.atomic import check_writable, write_jsonl
+from dreamtune.data import json_lines
 from dreamtune.grading import DEFAULT_TIMEOUT, TASK_NAMES, format_rules, format_summary, grade_many, summarize
 
 
@@ -25,15 +25,7 @@ def read_predictions(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text, so not JSONL; pass a JSONL file with 'response' and 'answer' per line") from None
-    for n, line in enumerate(text.split("\n"), 1):  # as the file iterates: JSON may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'response' and 'answer', got {type(row).__name__}")
+    for n, row in json_lines(path, text, "a JSON object with 'response' and 'answer'"):
         for key in ("response", "answer"):
             if key not in row or row[key] is None:
                 raise ValueError(

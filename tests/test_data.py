@@ -246,7 +246,7 @@ def test_read_rows_kinds(tmp_path):
     with pytest.raises(ValueError, match="cannot read .*bad.parquet as parquet"):
         read_rows(str(tmp_path / "bad.parquet"))
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         read_rows(str(tmp_path / "bad.jsonl"))
 
 

@@ -309,6 +309,11 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     (["export", "MODEL", "--out", "TMP/full"], "--overwrite"),
     (["generate", "--model", "MODEL", "--input", "TMP/full", "--output", "TMP/o.jsonl"], "prompts file 'TMP/full' is a directory"),
     (["generate", "--model", "MODEL", "--input", "TMP/bytes.jsonl", "--output", "TMP/o.jsonl"], "is not UTF-8 text"),
+    (["generate", "--model", "MODEL", "--input", "TMP/bad.jsonl", "--output", "TMP/o.jsonl"], "bad.jsonl:2: not valid JSON"),
+    (["generate", "--model", "MODEL", "--input", "TMP/list.jsonl", "--output", "TMP/o.jsonl"],
+     "list.jsonl:2: expected a JSON object with a 'prompt' or 'messages' field, got a JSON list"),
+    (["generate", "--model", "MODEL", "--input", "TMP/noprompt.jsonl", "--output", "TMP/o.jsonl"],
+     "noprompt.jsonl:2: row has no 'prompt' or 'messages' field"),
     (["compare", "--base", "MODEL", "--tuned", "MODEL", "--prompts", "TMP/bytes.txt"], "prompts file 'TMP/bytes.txt' is not UTF-8"),
     (["generate", "--model", "TMP/short", "hi"], "TMP/short/model.safetensors is cut short"),
     (["eval", "--model", "TMP/short", "--tasks", "gsm8k", "--data-dir", "TMP/bench"], "TMP/short/model.safetensors is cut short"),
@@ -322,6 +327,8 @@ def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needl
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "bytes.jsonl").write_bytes(b"\xff\xfe{}\n")
+    for name, second in [("bad", '{"prompt": '), ("list", '["hi"]'), ("noprompt", '{"text": "hi"}')]:
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "hi"}\n' + second + "\n")
     (tmp_path / "bytes.txt").write_bytes(b"\xff\xfehi\n")
     (tmp_path / "bench" / "gsm8k").mkdir(parents=True)
     (tmp_path / "bench" / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "so\\n#### 2"}\n')
