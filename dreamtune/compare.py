@@ -25,6 +25,7 @@ from pathlib import Path
 from dreamtune.atomic import check_writable, write_json
 from dreamtune.cli import positive_int
 from dreamtune.hub import resolve_dir
+from dreamtune.models import check_weights
 from dreamtune.engine import describe, encode_prompt, generate_batches, load_for_generation, record, render_prompt
 from dreamtune.generate_cli import (add_model_args, add_sampler_args, parser, read_prompt_rows, read_prompts_text,
                                     sampler_from_args)
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)
     for flag, path in (("--base", args.base), ("--tuned", args.tuned)):  # now, not after the base model has run
         try:
-            resolve_dir(path, download=False)
-        except (FileNotFoundError, NotADirectoryError) as e:
+            d = resolve_dir(path, download=False)
+            if d is not None:  # a local or cached model: its weights whole (a cut-short download found now too)
+                check_weights(d)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
             raise type(e)(f"{flag}: {e}") from None
     sampler = sampler_from_args(args)
     data_from = "--data-dir"

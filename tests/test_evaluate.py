@@ -318,6 +318,8 @@ def test_generate_cli(model_dir, tmp_path, capsys):
     (["generate", "--model", "TMP/short", "hi"], "TMP/short/model.safetensors is cut short"),
     (["eval", "--model", "TMP/short", "--tasks", "gsm8k", "--data-dir", "TMP/bench"], "TMP/short/model.safetensors is cut short"),
     (["export", "TMP/short", "--out", "TMP/x"], "TMP/short/model.safetensors is cut short"),
+    (["compare", "--base", "MODEL", "--tuned", "TMP/short", "--prompts", "PROMPTS", "--out", "TMP/x"],
+     "--tuned: TMP/short/model.safetensors is cut short"),  # before the base model generates
 ])
 def test_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, argv, needle):
     prompts = tmp_path / "p.txt"
