@@ -293,7 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default: the idle cores; OMP_NUM_THREADS is honoured)")
     ap.add_argument("--quiet", action="store_true", help="print only the final table")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    summary = run(args.out, args.task, args.steps, args.seed, args.threads, quiet=args.quiet)
+    root = Path(args.out).expanduser().absolute()
+    made = [d for d in (root, *root.parents) if not d.exists()]  # the directories this run creates, innermost first
+    try:
+        summary = run(args.out, args.task, args.steps, args.seed, args.threads, quiet=args.quiet)
+    except BaseException:
+        for d in made:  # a run that failed before writing anything leaves no empty directories behind
+            try:
+                d.rmdir()  # only an empty one: a finished stage's output stays
+            except OSError:
+                break
+        raise
     if args.quiet:
         print(_table(summary))
     return 0

@@ -127,6 +127,22 @@ def test_user_mistakes_are_one_error_line(argv, message, capsys, tmp_path):
     assert not (tmp_path / "q").exists()  # refused before writing anything
 
 
+def test_a_full_disk_at_the_first_write_leaves_no_directory(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from dreamtune import export
+
+    def full(lm, out, *a, **kw):  # as the real one on a full disk: its directory made, then nothing written
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(export, "save_hf", full)
+    assert cli_main(["quickstart", "--out", str(tmp_path / "new" / "q"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the disk is full") and str(tmp_path / "new" / "q") in err[0], err
+    assert not (tmp_path / "new").exists()  # nor the parent it made: nothing was written
+
+
 @pytest.mark.slow
 def test_same_seed_same_run(tmp_path):
     """Data, training and answers repeat exactly for a seed (a short run: 2 steps; same thread count)."""
