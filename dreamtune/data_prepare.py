@@ -192,9 +192,10 @@ def atomic_dir(out: Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-        if io_error(e, out, tmp) is None:
+        error = io_error(e, out, tmp)
+        if error is None:
             raise
-        raise io_error(e, out, tmp) from e  # a full disk: named as `out`, not its temporary name
+        raise error from e  # a full disk: named as `out`, not its temporary name
 
 
 # ---------------------------------------------------------------------------------------------------

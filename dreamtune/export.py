@@ -80,9 +80,10 @@ def save_hf(lm: DiffusionLM, out, dtype=torch.bfloat16, state_dict: dict | None 
         (tmp / META_FILE).write_text(json.dumps({"mask_token_id": lm.mask_token_id, "shift": lm.shift}, indent=2))
         replace_dir(tmp, out)
     except Exception as e:  # a full disk, in the OS's words or the safetensors writer's: named as `out`
-        if io_error(e, out, tmp) is None:
+        error = io_error(e, out, tmp)
+        if error is None:
             raise
-        raise io_error(e, out, tmp) from e
+        raise error from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -150,9 +151,10 @@ def save_llada(lm, out, dtype=torch.bfloat16, state_dict: dict | None = None) ->
             save_tokenizer(lm.tokenizer, tmp, source=lm.source_dir)
         replace_dir(tmp, out)
     except Exception as e:  # as save_hf's
-        if io_error(e, out, tmp) is None:
+        error = io_error(e, out, tmp)
+        if error is None:
             raise
-        raise io_error(e, out, tmp) from e
+        raise error from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -12,6 +12,7 @@ not a Hub lookup). A hub id is looked up in the local cache first, so a download
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -98,3 +99,19 @@ def hub_offline_if_unreachable(timeout: float = 3.0):
         hub_constants.HF_HUB_OFFLINE = saved[0]
         if "datasets.config" in sys.modules:
             sys.modules["datasets.config"].HF_HUB_OFFLINE = saved[1]
+
+
+def read_json_file(path: Path, fix: str) -> dict:
+    """A model or tokenizer directory's JSON object file (config.json and the like); ValueError naming it,
+    with `fix`, when it is a directory, not UTF-8 text, not JSON or not an object."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file; {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not JSON (a damaged file?); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data

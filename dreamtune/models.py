@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dreamtune.hub import resolve_dir
+from dreamtune.hub import read_json_file, resolve_dir
 from dreamtune.tokenizer import TURN_END_TOKENS, ids_of, load_tokenizer
 
 MASK_TOKEN = "<|mask|>"
@@ -151,22 +151,6 @@ def document_attention_mask(doc_ids: torch.Tensor, implementation: str):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
-def read_json_file(path: Path, fix: str) -> dict:
-    """A model directory's JSON object file; ValueError naming it, with `fix`, when it is a directory, not
-    UTF-8 text, not JSON or not an object."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a file; {fix}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text, so not JSON (a damaged file?); {fix}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
-    return data
 
 
 def read_config(d: Path) -> dict:

@@ -22,6 +22,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dreamtune.hub import read_json_file, resolve_dir
+
+REDOWNLOAD = "re-download the tokenizer files"  # what to do about a damaged tokenizer JSON file
+
 # Remote-code tokenizer classes, and the transformers class that reads the same files identically.
 REMOTE_CODE_TOKENIZERS = {"DreamTokenizer": "Qwen2Tokenizer"}
 # Files that make up a tokenizer (any one of the first four means the directory has one).
@@ -37,17 +41,6 @@ _SAVE_NOISE = ("is_local", "local_files_only", "auto_map")
 
 def has_tokenizer(d: Path) -> bool:
     return any((Path(d) / f).exists() for f in TOKENIZER_FILES[:4])
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text, so not JSON (a damaged file?); re-download the tokenizer files") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the tokenizer files") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a directory, not a file; re-download the tokenizer files") from None
 
 
 def ids_of(value) -> list[int]:
@@ -66,7 +59,7 @@ def load_tokenizer(d: Path, config: dict | None = None):
     from transformers import PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-    tcfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() else {}
+    tcfg = read_json_file(d / "tokenizer_config.json", REDOWNLOAD) if (d / "tokenizer_config.json").exists() else {}
     name = tcfg.get("tokenizer_class")
     if (d / "tokenizer.json").exists():
         cls = PreTrainedTokenizerFast  # the file is the whole pipeline: read it as it is
@@ -124,10 +117,8 @@ def check_tokenizer(tok, d: Path, config: dict) -> None:
 def tokenizer_from(path_or_id: str):
     """A tokenizer alone, from a model directory, a tokenizer directory or a hub id (`dreamtune data validate`):
     read exactly as training reads it, checked against config.json when the directory has one."""
-    from dreamtune.hub import resolve_dir
-
     d = resolve_dir(path_or_id, what="tokenizer")
-    config = _read_json(d / "config.json") if (d / "config.json").exists() else {}
+    config = read_json_file(d / "config.json", REDOWNLOAD) if (d / "config.json").exists() else {}
     tok = load_tokenizer(d, config)
     if tok is None:
         raise ValueError(f"{d} holds no tokenizer files (tokenizer.json, or vocab.json + tokenizer_config.json); "
@@ -147,7 +138,7 @@ def save_tokenizer(tok, out: Path, source: Path | None = None) -> None:
     out = Path(out)
     tok.save_pretrained(str(out))
     cfg_path = out / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+    cfg = read_json_file(cfg_path, REDOWNLOAD) if cfg_path.exists() else {}
     for key in _SAVE_NOISE:
         cfg.pop(key, None)
     if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
@@ -155,8 +146,9 @@ def save_tokenizer(tok, out: Path, source: Path | None = None) -> None:
     if isinstance(tok.chat_template, str):
         cfg["chat_template"] = tok.chat_template
     source_cfg = Path(source) / "tokenizer_config.json" if source is not None else None
-    if source_cfg is not None and source_cfg.is_file() and "clean_up_tokenization_spaces" in _read_json(source_cfg):
-        cfg["clean_up_tokenization_spaces"] = _read_json(source_cfg)["clean_up_tokenization_spaces"]  # see load_tokenizer
+    source_tcfg = read_json_file(source_cfg, REDOWNLOAD) if source_cfg is not None and source_cfg.is_file() else {}
+    if "clean_up_tokenization_spaces" in source_tcfg:
+        cfg["clean_up_tokenization_spaces"] = source_tcfg["clean_up_tokenization_spaces"]  # see load_tokenizer
     extra = cfg.get("extra_special_tokens")
     if isinstance(extra, list) and "additional_special_tokens" not in cfg:
         cfg["additional_special_tokens"] = extra  # the name 4.46 reads
